@@ -1,0 +1,172 @@
+//! Configuration of the control plane, read once from environment variables.
+//!
+//! Every error names the offending variable and never contains its value,
+//! so secrets (database URL, snapshot secret) are never echoed.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use mcp_filter_core::route::Class;
+use mcp_filter_core::snapshot::Limits;
+
+/// Everything the control plane needs to run.
+#[derive(Clone)]
+pub struct Config {
+    pub database_url: String,
+    pub http_addr: SocketAddr,
+    pub internal_addr: SocketAddr,
+    pub snapshot_secret: String,
+    /// InfraBox's RSA public key (PEM), verifies session JWTs.
+    pub infrabox_public_key_pem: Vec<u8>,
+    pub limits: Limits,
+    pub scope_refresh: Duration,
+    pub max_tokens_per_user: i64,
+    pub max_expiry_days: i64,
+}
+
+impl std::fmt::Debug for Config {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Config")
+            .field("http_addr", &self.http_addr)
+            .field("internal_addr", &self.internal_addr)
+            .field("limits", &self.limits)
+            .field("scope_refresh", &self.scope_refresh)
+            .field("max_tokens_per_user", &self.max_tokens_per_user)
+            .field("max_expiry_days", &self.max_expiry_days)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A configuration problem; the text names the variable, never its value.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError(pub String);
+
+impl std::fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+impl Config {
+    /// Reads the process environment.
+    pub fn from_env() -> Result<Self, ConfigError> {
+        Self::from_lookup(|k| std::env::var(k).ok())
+    }
+
+    /// Reads configuration through `get` (the environment, or a map in tests).
+    pub fn from_lookup(get: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
+        let get = |k: &str| get(k).filter(|v| !v.trim().is_empty());
+        let database_url = get("DATABASE_URL").ok_or_else(|| missing("DATABASE_URL"))?;
+        let http_addr = addr(get("MCP_HTTP_ADDR"), "MCP_HTTP_ADDR", "127.0.0.1:9000")?;
+        let internal_addr = addr(get("MCP_INTERNAL_ADDR"), "MCP_INTERNAL_ADDR", "127.0.0.1:9001")?;
+        let snapshot_secret = get("MCP_SNAPSHOT_SECRET").ok_or_else(|| missing("MCP_SNAPSHOT_SECRET"))?;
+        if snapshot_secret.chars().count() < 16 {
+            return Err(ConfigError("MCP_SNAPSHOT_SECRET must be at least 16 characters".into()));
+        }
+        let infrabox_public_key_pem = match (get("INFRABOX_PUBLIC_KEY"), get("INFRABOX_PUBLIC_KEY_PATH")) {
+            (Some(pem), _) => pem.into_bytes(),
+            (None, Some(path)) => std::fs::read(&path).map_err(|e| {
+                ConfigError(format!("INFRABOX_PUBLIC_KEY_PATH: cannot read the file: {}", e.kind()))
+            })?,
+            (None, None) => {
+                return Err(ConfigError("INFRABOX_PUBLIC_KEY or INFRABOX_PUBLIC_KEY_PATH is required".into()))
+            }
+        };
+        let window_seconds = number(get("MCP_LIMIT_WINDOW_SECONDS"), "MCP_LIMIT_WINDOW_SECONDS", 60, 1, 86_400)?;
+        let mut classes = std::collections::BTreeMap::new();
+        for (class, var, default) in [
+            (Class::Log, "MCP_LIMIT_LOG", 10),
+            (Class::Artifact, "MCP_LIMIT_ARTIFACT", 10),
+            (Class::Write, "MCP_LIMIT_WRITE", 5),
+            (Class::Default, "MCP_LIMIT_DEFAULT", 30),
+        ] {
+            classes.insert(class, number(get(var), var, default, 0, 1_000_000)? as u32);
+        }
+        let scope_refresh = number(get("MCP_SCOPE_REFRESH_SECONDS"), "MCP_SCOPE_REFRESH_SECONDS", 30, 1, 86_400)?;
+        let max_tokens_per_user = number(get("MCP_MAX_TOKENS_PER_USER"), "MCP_MAX_TOKENS_PER_USER", 20, 1, 10_000)?;
+        let max_expiry_days = number(get("MCP_MAX_EXPIRY_DAYS"), "MCP_MAX_EXPIRY_DAYS", 365, 1, 3650)?;
+        Ok(Self {
+            database_url,
+            http_addr,
+            internal_addr,
+            snapshot_secret,
+            infrabox_public_key_pem,
+            limits: Limits { window_seconds: window_seconds as u32, classes },
+            scope_refresh: Duration::from_secs(scope_refresh),
+            max_tokens_per_user: max_tokens_per_user as i64,
+            max_expiry_days: max_expiry_days as i64,
+        })
+    }
+}
+
+fn missing(var: &str) -> ConfigError {
+    ConfigError(format!("{var} is required"))
+}
+
+fn addr(value: Option<String>, var: &str, default: &str) -> Result<SocketAddr, ConfigError> {
+    value
+        .as_deref()
+        .unwrap_or(default)
+        .trim()
+        .parse()
+        .map_err(|_| ConfigError(format!("{var} must be a socket address such as {default}")))
+}
+
+fn number(value: Option<String>, var: &str, default: u64, min: u64, max: u64) -> Result<u64, ConfigError> {
+    let Some(v) = value else { return Ok(default) };
+    match v.trim().parse::<u64>() {
+        Ok(n) if (min..=max).contains(&n) => Ok(n),
+        _ => Err(ConfigError(format!("{var} must be an integer between {min} and {max}"))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn base() -> HashMap<&'static str, String> {
+        HashMap::from([
+            ("DATABASE_URL", "postgres://u:pw@h/db".to_string()),
+            ("MCP_SNAPSHOT_SECRET", "0123456789abcdef-secret".to_string()),
+            ("INFRABOX_PUBLIC_KEY", "-----BEGIN PUBLIC KEY-----".to_string()),
+        ])
+    }
+
+    fn load(m: &HashMap<&'static str, String>) -> Result<Config, ConfigError> {
+        Config::from_lookup(|k| m.get(k).cloned())
+    }
+
+    #[test]
+    fn defaults() {
+        let c = load(&base()).unwrap();
+        assert_eq!(c.http_addr.to_string(), "127.0.0.1:9000");
+        assert_eq!(c.internal_addr.to_string(), "127.0.0.1:9001");
+        assert_eq!(c.limits, Limits::default());
+        assert_eq!(c.max_tokens_per_user, 20);
+        assert_eq!(c.max_expiry_days, 365);
+        assert!(!format!("{c:?}").contains("secret"));
+    }
+
+    #[test]
+    fn errors_name_the_variable_not_the_value() {
+        let mut m = base();
+        m.insert("MCP_SNAPSHOT_SECRET", "short-pw".into());
+        let e = load(&m).unwrap_err().0;
+        assert!(e.contains("MCP_SNAPSHOT_SECRET") && !e.contains("short-pw"));
+        let mut m = base();
+        m.remove("DATABASE_URL");
+        assert!(load(&m).unwrap_err().0.contains("DATABASE_URL"));
+        let mut m = base();
+        m.insert("MCP_LIMIT_WRITE", "x".into());
+        assert!(load(&m).unwrap_err().0.contains("MCP_LIMIT_WRITE"));
+        let mut m = base();
+        m.remove("INFRABOX_PUBLIC_KEY");
+        assert!(load(&m).unwrap_err().0.contains("INFRABOX_PUBLIC_KEY"));
+        let mut m = base();
+        m.insert("MCP_HTTP_ADDR", "nope".into());
+        assert!(load(&m).unwrap_err().0.contains("MCP_HTTP_ADDR"));
+    }
+}

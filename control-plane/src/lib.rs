@@ -1,0 +1,12 @@
+//! Control plane of the InfraBox MCP gateway: the session-authenticated
+//! token API, the policy snapshot the Envoy filter pulls, and the schema
+//! migrations. See `server` for how the pieces are wired.
+
+pub mod config;
+pub mod error;
+pub mod expiry;
+pub mod migrate;
+pub mod server;
+pub mod session;
+pub mod snapshot;
+pub mod token_api;

@@ -1,0 +1,139 @@
+//! Wiring: database pool, migrations, snapshot publisher, and the two
+//! listeners (public token API, internal snapshot/health), with graceful
+//! shutdown on SIGINT/SIGTERM.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::serve::ListenerExt;
+use axum::Router;
+use sqlx::postgres::PgPoolOptions;
+use sqlx::PgPool;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use crate::config::Config;
+use crate::session::SessionVerifier;
+use crate::snapshot::publisher::SnapshotPublisher;
+use crate::snapshot::serve::SnapshotService;
+use crate::token_api::store::TokenStore;
+use crate::token_api::TokenApi;
+
+/// A fatal startup problem, printed as one line.
+#[derive(Debug)]
+pub struct StartupError(pub String);
+
+impl std::fmt::Display for StartupError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for StartupError {}
+
+/// Connects, migrates, binds and serves until `shutdown` turns true.
+pub async fn run(config: Config, shutdown: watch::Receiver<bool>) -> Result<(), StartupError> {
+    let sessions = SessionVerifier::from_rsa_pem(&config.infrabox_public_key_pem).map_err(|_| {
+        StartupError("INFRABOX_PUBLIC_KEY / INFRABOX_PUBLIC_KEY_PATH: not a valid RSA public key in PEM".into())
+    })?;
+    let pool = connect(&config.database_url).await?;
+    let applied = crate::migrate::run(&pool)
+        .await
+        .map_err(|e| StartupError(format!("database migration failed: {e}")))?;
+    tracing::info!(?applied, "migrations up to date");
+
+    let (publisher, current) = SnapshotPublisher::new(pool.clone(), config.limits.clone());
+    if let Err(e) = publisher.rebuild().await {
+        tracing::warn!(error = %e, "first snapshot build failed; retrying in the background");
+    }
+    let publisher_task = tokio::spawn(publisher.run(config.scope_refresh, shutdown.clone()));
+
+    let api = TokenApi {
+        store: TokenStore::new(pool.clone(), config.max_tokens_per_user),
+        sessions: Arc::new(sessions),
+        max_expiry_days: config.max_expiry_days,
+    };
+    let public = with_common_layers(crate::token_api::router(api));
+    let internal =
+        with_common_layers(crate::snapshot::serve::router(SnapshotService::new(&config.snapshot_secret, current, shutdown.clone())));
+
+    let http = bind(config.http_addr, "MCP_HTTP_ADDR").await?;
+    let internal_listener = bind(config.internal_addr, "MCP_INTERNAL_ADDR").await?;
+    let http_addr = http.local_addr().map_err(|e| StartupError(format!("MCP_HTTP_ADDR: {e}")))?;
+    let internal_addr = internal_listener.local_addr().map_err(|e| StartupError(format!("MCP_INTERNAL_ADDR: {e}")))?;
+    println!("listening http={http_addr} internal={internal_addr}");
+    tracing::info!(%http_addr, %internal_addr, "control plane ready");
+
+    let a = serve(http, public, shutdown.clone());
+    let b = serve(internal_listener, internal, shutdown.clone());
+    let (ra, rb) = tokio::join!(a, b);
+    // The publisher stops on the same signal; give it a moment, then close the pool.
+    let _ = tokio::time::timeout(Duration::from_secs(2), publisher_task).await;
+    let _ = tokio::time::timeout(Duration::from_secs(2), pool.close()).await;
+    tracing::info!("stopped");
+    ra.and(rb).map_err(|e| StartupError(format!("server error: {e}")))
+}
+
+fn with_common_layers(router: Router) -> Router {
+    router
+        .layer(axum::middleware::from_fn(crate::error::request_id))
+        .layer(axum::extract::DefaultBodyLimit::max(64 * 1024))
+}
+
+async fn connect(url: &str) -> Result<PgPool, StartupError> {
+    let options = PgPoolOptions::new().max_connections(10).acquire_timeout(Duration::from_secs(5));
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        match options.clone().connect(url).await {
+            Ok(pool) => return Ok(pool),
+            Err(sqlx::Error::Configuration(_)) => {
+                return Err(StartupError("DATABASE_URL: not a valid PostgreSQL connection URL".into()))
+            }
+            Err(e) if tokio::time::Instant::now() >= deadline => {
+                return Err(StartupError(format!("cannot connect to the database at DATABASE_URL: {e}")))
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "database not reachable yet; retrying");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        }
+    }
+}
+
+async fn bind(addr: SocketAddr, var: &str) -> Result<TcpListener, StartupError> {
+    TcpListener::bind(addr).await.map_err(|e| StartupError(format!("{var}: cannot listen on {addr}: {e}")))
+}
+
+async fn serve(listener: TcpListener, app: Router, mut shutdown: watch::Receiver<bool>) -> std::io::Result<()> {
+    let listener = listener.tap_io(|s| {
+        let _ = s.set_nodelay(true);
+    });
+    axum::serve(listener, app)
+        .with_graceful_shutdown(async move {
+            let _ = shutdown.wait_for(|stop| *stop).await;
+        })
+        .await
+}
+
+/// Resolves on SIGINT or SIGTERM.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {}
+        _ = term => {}
+    }
+}

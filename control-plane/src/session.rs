@@ -1,0 +1,185 @@
+//! Session authentication for the token API (DESIGN §12): an InfraBox user
+//! JWT (RS256, no `exp`) from `Authorization` (`Bearer`/`token`, any case)
+//! or, without an `Authorization` header, the `token` cookie.
+//!
+//! An `ib_mcp_` token is refused here: MCP tokens cannot manage MCP tokens.
+//! Error messages never contain the presented credential.
+
+use std::collections::HashSet;
+
+use axum::http::{header, HeaderMap};
+use jsonwebtoken::{Algorithm, DecodingKey, Validation};
+use mcp_filter_core::token::PREFIX;
+use serde::Deserialize;
+use uuid::Uuid;
+
+use crate::error::ApiError;
+
+/// An authenticated InfraBox user (existence in `"user"` is checked by the caller).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Session {
+    pub user_id: Uuid,
+}
+
+/// Verifies InfraBox session JWTs with InfraBox's public key.
+#[derive(Clone)]
+pub struct SessionVerifier {
+    key: DecodingKey,
+    validation: Validation,
+}
+
+#[derive(Deserialize)]
+struct Claims {
+    #[serde(default)]
+    user: Option<ClaimUser>,
+    #[serde(default, rename = "type")]
+    kind: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct ClaimUser {
+    id: serde_json::Value,
+}
+
+impl SessionVerifier {
+    /// Builds a verifier from InfraBox's RSA public key in PEM.
+    pub fn from_rsa_pem(pem: &[u8]) -> Result<Self, jsonwebtoken::errors::Error> {
+        let key = DecodingKey::from_rsa_pem(pem)?;
+        let mut validation = Validation::new(Algorithm::RS256);
+        validation.validate_exp = false;
+        validation.validate_nbf = false;
+        validation.validate_aud = false;
+        validation.required_spec_claims = HashSet::new();
+        Ok(Self { key, validation })
+    }
+
+    /// Authenticates the request headers.
+    pub fn authenticate(&self, headers: &HeaderMap) -> Result<Session, ApiError> {
+        let raw = credential(headers)?;
+        if raw.starts_with(PREFIX) {
+            return Err(ApiError::unauthorized(
+                "mcp_token_not_allowed",
+                "MCP tokens cannot be used to manage MCP tokens; sign in to InfraBox",
+            ));
+        }
+        let invalid = || ApiError::unauthorized("invalid_session", "the session is invalid; sign in to InfraBox again");
+        let data = jsonwebtoken::decode::<Claims>(raw, &self.key, &self.validation).map_err(|_| invalid())?;
+        if data.claims.kind.as_deref() != Some("user") {
+            return Err(invalid());
+        }
+        let id = data.claims.user.and_then(|u| u.id.as_str().and_then(|s| Uuid::parse_str(s).ok())).ok_or_else(invalid)?;
+        Ok(Session { user_id: id })
+    }
+}
+
+/// The raw credential from `Authorization` or the `token` cookie.
+fn credential(headers: &HeaderMap) -> Result<&str, ApiError> {
+    let missing = || ApiError::unauthorized("missing_session", "authentication required: sign in to InfraBox");
+    if let Some(value) = headers.get(header::AUTHORIZATION) {
+        let value = value
+            .to_str()
+            .map_err(|_| ApiError::unauthorized("invalid_session", "the Authorization header is not valid text"))?
+            .trim();
+        let (scheme, rest) = value.split_once(char::is_whitespace).unwrap_or((value, ""));
+        let rest = rest.trim();
+        if rest.starts_with(PREFIX) || scheme.starts_with(PREFIX) {
+            return Ok(if rest.is_empty() { scheme } else { rest });
+        }
+        if !(scheme.eq_ignore_ascii_case("bearer") || scheme.eq_ignore_ascii_case("token")) {
+            return Err(ApiError::unauthorized(
+                "invalid_session",
+                "unsupported Authorization scheme; use Bearer with an InfraBox session",
+            ));
+        }
+        if rest.is_empty() {
+            return Err(missing());
+        }
+        return Ok(rest);
+    }
+    for cookies in headers.get_all(header::COOKIE) {
+        let Ok(cookies) = cookies.to_str() else { continue };
+        for pair in cookies.split(';') {
+            if let Some((name, value)) = pair.trim().split_once('=') {
+                if name.trim() == "token" {
+                    let value = value.trim().trim_matches('"');
+                    if !value.is_empty() {
+                        return Ok(value);
+                    }
+                }
+            }
+        }
+    }
+    Err(missing())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::http::HeaderValue;
+
+    fn headers(pairs: &[(&'static str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.append(*k, HeaderValue::from_str(v).unwrap());
+        }
+        h
+    }
+
+    #[test]
+    fn credential_sources() {
+        assert_eq!(credential(&headers(&[("authorization", "Bearer abc")])).unwrap(), "abc");
+        assert_eq!(credential(&headers(&[("authorization", "bearer  abc ")])).unwrap(), "abc");
+        assert_eq!(credential(&headers(&[("authorization", "TOKEN abc")])).unwrap(), "abc");
+        assert_eq!(credential(&headers(&[("cookie", "a=b; token=xyz; c=d")])).unwrap(), "xyz");
+        // Authorization wins over the cookie.
+        assert_eq!(credential(&headers(&[("authorization", "Bearer abc"), ("cookie", "token=xyz")])).unwrap(), "abc");
+        assert_eq!(credential(&headers(&[])).unwrap_err().code, "missing_session");
+        assert_eq!(credential(&headers(&[("authorization", "Basic Zm9v")])).unwrap_err().code, "invalid_session");
+    }
+
+    #[test]
+    fn mcp_tokens_are_refused_without_echo() {
+        let tok = mcp_filter_core::token::mint(&[7; 24]);
+        let v = SessionVerifier::from_rsa_pem(include_bytes!("../testdata/session_public.pem")).unwrap();
+        for h in [
+            headers(&[("authorization", &format!("Bearer {tok}"))]),
+            headers(&[("authorization", &format!("bearer {tok}"))]),
+            headers(&[("authorization", &tok)]),
+            headers(&[("cookie", &format!("token={tok}"))]),
+        ] {
+            let e = v.authenticate(&h).unwrap_err();
+            assert_eq!(e.code, "mcp_token_not_allowed");
+            assert!(!e.message.contains(&tok));
+        }
+        let e = v.authenticate(&headers(&[("authorization", "Bearer not.a.jwt")])).unwrap_err();
+        assert_eq!(e.code, "invalid_session");
+    }
+
+    fn sign(key: &[u8], claims: serde_json::Value) -> String {
+        let key = jsonwebtoken::EncodingKey::from_rsa_pem(key).unwrap();
+        jsonwebtoken::encode(&jsonwebtoken::Header::new(Algorithm::RS256), &claims, &key).unwrap()
+    }
+
+    #[test]
+    fn verifies_infrabox_user_jwts() {
+        let v = SessionVerifier::from_rsa_pem(include_bytes!("../testdata/session_public.pem")).unwrap();
+        let good = include_bytes!("../testdata/session_private.pem");
+        let other = include_bytes!("../testdata/other_private.pem");
+        let id = "2b8f9f4e-1111-4222-8333-444455556666";
+        let jwt = sign(good, serde_json::json!({"user": {"id": id}, "type": "user"}));
+        let s = v.authenticate(&headers(&[("authorization", &format!("bearer {jwt}"))])).unwrap();
+        assert_eq!(s.user_id.to_string(), id);
+        let s = v.authenticate(&headers(&[("cookie", &format!("token={jwt}"))])).unwrap();
+        assert_eq!(s.user_id.to_string(), id);
+        for bad in [
+            sign(other, serde_json::json!({"user": {"id": id}, "type": "user"})),
+            sign(good, serde_json::json!({"user": {"id": id}, "type": "global"})),
+            sign(good, serde_json::json!({"project": {"id": id}, "type": "project"})),
+            sign(good, serde_json::json!({"user": {"id": "nope"}, "type": "user"})),
+        ] {
+            let e = v.authenticate(&headers(&[("authorization", &format!("Bearer {bad}"))])).unwrap_err();
+            assert_eq!(e.code, "invalid_session");
+            assert!(!e.message.contains(&bad));
+        }
+    }
+}

@@ -1,0 +1,143 @@
+//! The filter's plugin configuration (the JSON string in Envoy's
+//! `configuration`), validated when Envoy loads it: a configuration that
+//! fails here is refused and a running filter keeps its previous one.
+
+use serde::Deserialize;
+
+use crate::route::RouteTable;
+
+/// Validated plugin configuration.
+#[derive(Debug, Clone)]
+pub struct PluginConfig {
+    /// Envoy cluster of the control plane's internal listener.
+    pub snapshot_cluster: String,
+    pub snapshot_authority: String,
+    pub snapshot_path: String,
+    /// Bearer secret of the snapshot endpoint. Never logged.
+    pub snapshot_secret: String,
+    /// Long-poll wait the filter asks for.
+    pub snapshot_wait_seconds: u32,
+    pub max_log_bytes: u64,
+    pub routes: RouteTable,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Raw {
+    #[serde(default = "d_cluster")]
+    snapshot_cluster: String,
+    #[serde(default = "d_authority")]
+    snapshot_authority: String,
+    #[serde(default = "d_path")]
+    snapshot_path: String,
+    snapshot_secret: String,
+    #[serde(default = "d_wait")]
+    snapshot_wait_seconds: u32,
+    #[serde(default = "d_max_log")]
+    max_log_bytes: u64,
+    #[serde(default)]
+    routes: Option<serde_json::Value>,
+}
+
+fn d_cluster() -> String {
+    "mcp_control_plane_internal".into()
+}
+fn d_authority() -> String {
+    "mcp-control-plane".into()
+}
+fn d_path() -> String {
+    "/v1/snapshot".into()
+}
+fn d_wait() -> u32 {
+    20
+}
+fn d_max_log() -> u64 {
+    1 << 20
+}
+
+/// Why a configuration was refused. Never contains the snapshot secret.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError(pub String);
+
+impl std::fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "invalid plugin configuration: {}", self.0)
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+impl PluginConfig {
+    pub fn parse(bytes: &[u8]) -> Result<Self, ConfigError> {
+        let raw: Raw = serde_json::from_slice(bytes).map_err(|e| ConfigError(redact(e.to_string())))?;
+        if raw.snapshot_secret.len() < 16 {
+            return Err(ConfigError("snapshot_secret must be at least 16 characters".into()));
+        }
+        if raw.snapshot_cluster.is_empty() {
+            return Err(ConfigError("snapshot_cluster must not be empty".into()));
+        }
+        if !raw.snapshot_path.starts_with('/') || raw.snapshot_path.contains('?') {
+            return Err(ConfigError("snapshot_path must start with / and have no query".into()));
+        }
+        if raw.snapshot_wait_seconds > 300 {
+            return Err(ConfigError("snapshot_wait_seconds must be at most 300".into()));
+        }
+        if raw.max_log_bytes == 0 {
+            return Err(ConfigError("max_log_bytes must be positive".into()));
+        }
+        let routes = match &raw.routes {
+            None => RouteTable::default(),
+            Some(v) => RouteTable::from_json(v).map_err(|e| ConfigError(e.to_string()))?,
+        };
+        Ok(Self {
+            snapshot_cluster: raw.snapshot_cluster,
+            snapshot_authority: raw.snapshot_authority,
+            snapshot_path: raw.snapshot_path,
+            snapshot_secret: raw.snapshot_secret,
+            snapshot_wait_seconds: raw.snapshot_wait_seconds,
+            max_log_bytes: raw.max_log_bytes,
+            routes,
+        })
+    }
+}
+
+/// serde_json errors quote offending values; keep only the location part.
+fn redact(e: String) -> String {
+    match e.find(" at line ") {
+        Some(i) => {
+            let kind = if e.starts_with("missing field") || e.starts_with("unknown field") {
+                e.split('`').take(2).collect::<Vec<_>>().join("`") + "`"
+            } else {
+                "malformed JSON".to_string()
+            };
+            format!("{kind}{}", e.get(i..).unwrap_or_default())
+        }
+        None => "malformed JSON".into(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn minimal_and_invalid_configs() {
+        let c = PluginConfig::parse(br#"{"snapshot_secret":"0123456789abcdef"}"#).unwrap();
+        assert_eq!(c.snapshot_cluster, "mcp_control_plane_internal");
+        assert_eq!(c.routes.routes().len(), 20);
+        for bad in [
+            &br#"{}"#[..],
+            br#"{"snapshot_secret":"short"}"#,
+            br#"{"snapshot_secret":"0123456789abcdef","bogus":1}"#,
+            br#"{"snapshot_secret":"0123456789abcdef","routes":[]}"#,
+            br#"{"snapshot_secret":"0123456789abcdef","snapshot_wait_seconds":1000}"#,
+            b"not json",
+        ] {
+            assert!(PluginConfig::parse(bad).is_err());
+        }
+        let e = PluginConfig::parse(br#"{"snapshot_secret":12345678901234567890}"#).unwrap_err();
+        assert!(!e.0.contains("12345678901234567890"), "{e}");
+        let e = PluginConfig::parse(br#"{"snapshot_secret":"0123456789abcdef","routes":[{"name":"x"}]}"#).unwrap_err();
+        assert!(e.0.contains("route"), "{e}");
+    }
+}

@@ -1,0 +1,79 @@
+//! Response shaping (DESIGN §5): the project list keeps only the token's
+//! effective projects, and the console log keeps only its tail.
+
+use serde::Deserialize;
+use serde_json::value::RawValue;
+
+/// Keeps the elements of a JSON array of objects whose `id` passes
+/// `in_scope`; every kept element stays byte for byte as InfraBox sent it.
+pub fn filter_project_list(body: &[u8], in_scope: impl Fn(&str) -> bool) -> Result<Vec<u8>, String> {
+    #[derive(Deserialize)]
+    struct Id<'a> {
+        #[serde(borrow)]
+        id: Option<std::borrow::Cow<'a, str>>,
+    }
+    let items: Vec<&RawValue> =
+        serde_json::from_slice(body).map_err(|e| format!("project list is not a JSON array: {}", e.classify_str()))?;
+    let mut out = Vec::with_capacity(body.len());
+    out.push(b'[');
+    let mut first = true;
+    for item in items {
+        let id: Id = serde_json::from_str(item.get()).map_err(|_| "project list element is not an object".to_string())?;
+        if id.id.as_deref().is_some_and(&in_scope) {
+            if !first {
+                out.push(b',');
+            }
+            first = false;
+            out.extend_from_slice(item.get().as_bytes());
+        }
+    }
+    out.push(b']');
+    Ok(out)
+}
+
+trait ClassifyStr {
+    fn classify_str(&self) -> &'static str;
+}
+
+impl ClassifyStr for serde_json::Error {
+    fn classify_str(&self) -> &'static str {
+        match self.classify() {
+            serde_json::error::Category::Io => "io",
+            serde_json::error::Category::Syntax => "syntax error",
+            serde_json::error::Category::Data => "unexpected shape",
+            serde_json::error::Category::Eof => "truncated",
+        }
+    }
+}
+
+/// How many bytes to drop from the front of a buffer of `buffered` bytes so
+/// that at most `max` remain.
+pub fn tail_excess(buffered: usize, max: u64) -> usize {
+    buffered.saturating_sub(usize::try_from(max).unwrap_or(usize::MAX))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keeps_only_projects_in_scope_byte_for_byte() {
+        let body = br#"[{"id":"a","name":"A","type":"upload","public":false,"userrole":"Owner"}, {"name":"B","id":"b"},{"id":"c","x":{"nested":[1,2]}}]"#;
+        let out = filter_project_list(body, |id| id != "b").unwrap();
+        assert_eq!(
+            std::str::from_utf8(&out).unwrap(),
+            r#"[{"id":"a","name":"A","type":"upload","public":false,"userrole":"Owner"},{"id":"c","x":{"nested":[1,2]}}]"#
+        );
+        assert_eq!(filter_project_list(b"[]", |_| true).unwrap(), b"[]");
+        assert_eq!(filter_project_list(br#"[{"id":"a"}]"#, |_| false).unwrap(), b"[]");
+        assert!(filter_project_list(b"{}", |_| true).is_err());
+        assert!(filter_project_list(b"[1]", |_| true).is_err());
+        assert!(filter_project_list(b"[", |_| true).is_err());
+    }
+
+    #[test]
+    fn tail() {
+        assert_eq!(tail_excess(10, 4), 6);
+        assert_eq!(tail_excess(3, 4), 0);
+    }
+}

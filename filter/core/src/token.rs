@@ -1,0 +1,160 @@
+//! The `ib_mcp_` token format (DESIGN §2): `ib_mcp_` + 48 lowercase hex
+//! characters; the token id is the first 16 hex characters after the prefix
+//! and the stored hash is the lowercase hex SHA-256 of the whole string.
+//!
+//! Parsing never allocates and never panics: any other shape is a
+//! [`TokenFormatError`], which the pipeline turns into 401 before lookup.
+
+use sha2::{Digest, Sha256};
+
+/// Prefix every MCP token starts with.
+pub const PREFIX: &str = "ib_mcp_";
+/// Number of hex characters after the prefix (24 random bytes).
+pub const SECRET_HEX_LEN: usize = 48;
+/// Number of hex characters of the token id.
+pub const TOKEN_ID_LEN: usize = 16;
+/// Total length of a well-formed token.
+pub const TOKEN_LEN: usize = PREFIX.len() + SECRET_HEX_LEN;
+
+/// SHA-256 of the whole token string.
+pub type TokenHash = [u8; 32];
+
+/// Why a credential is not a well-formed MCP token. The text never contains
+/// the credential itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TokenFormatError(pub &'static str);
+
+impl std::fmt::Display for TokenFormatError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.0)
+    }
+}
+
+impl std::error::Error for TokenFormatError {}
+
+/// A string that has the exact shape of an MCP token.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct Token<'a> {
+    raw: &'a str,
+}
+
+impl std::fmt::Debug for Token<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never print the secret part.
+        write!(f, "Token({}…)", self.token_id())
+    }
+}
+
+impl<'a> Token<'a> {
+    /// Checks the exact shape of `raw` (prefix, length, lowercase hex).
+    pub fn parse(raw: &'a str) -> Result<Self, TokenFormatError> {
+        let Some(secret) = raw.strip_prefix(PREFIX) else {
+            return Err(TokenFormatError("token does not start with ib_mcp_"));
+        };
+        if secret.len() != SECRET_HEX_LEN {
+            return Err(TokenFormatError("token has the wrong length"));
+        }
+        if !secret.bytes().all(is_lower_hex) {
+            return Err(TokenFormatError("token is not lowercase hex"));
+        }
+        Ok(Self { raw })
+    }
+
+    /// The public token id: the first 16 hex characters after the prefix.
+    pub fn token_id(&self) -> &'a str {
+        self.raw
+            .get(PREFIX.len()..PREFIX.len() + TOKEN_ID_LEN)
+            .unwrap_or_default()
+    }
+
+    /// SHA-256 of the whole token string.
+    pub fn hash(&self) -> TokenHash {
+        hash(self.raw)
+    }
+
+    /// The whole token (the secret). Callers must not log it.
+    pub fn expose_secret(&self) -> &'a str {
+        self.raw
+    }
+}
+
+/// SHA-256 of a token string.
+pub fn hash(raw: &str) -> TokenHash {
+    Sha256::digest(raw.as_bytes()).into()
+}
+
+/// Lowercase hex SHA-256 of a token string, as stored in `mcp_token.token_hash`.
+pub fn hash_hex(raw: &str) -> String {
+    hex::encode(hash(raw))
+}
+
+/// Builds a token from 24 bytes of randomness (the caller supplies them from
+/// the OS CSPRNG).
+pub fn mint(random: &[u8; 24]) -> String {
+    let mut s = String::with_capacity(TOKEN_LEN);
+    s.push_str(PREFIX);
+    s.push_str(&hex::encode(random));
+    s
+}
+
+/// Whether `s` is a well-formed token id (16 lowercase hex characters).
+pub fn is_token_id(s: &str) -> bool {
+    s.len() == TOKEN_ID_LEN && s.bytes().all(is_lower_hex)
+}
+
+/// Parses a lowercase 64-hex SHA-256.
+pub fn parse_hash_hex(s: &str) -> Option<TokenHash> {
+    if s.len() != 64 || !s.bytes().all(is_lower_hex) {
+        return None;
+    }
+    let mut out = [0u8; 32];
+    hex::decode_to_slice(s, &mut out).ok()?;
+    Some(out)
+}
+
+fn is_lower_hex(b: u8) -> bool {
+    b.is_ascii_digit() || (b'a'..=b'f').contains(&b)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = "ib_mcp_0123456789abcdef0123456789abcdef0123456789abcdef";
+
+    #[test]
+    fn accepts_the_exact_shape() {
+        let t = Token::parse(GOOD).unwrap();
+        assert_eq!(t.token_id(), "0123456789abcdef");
+        assert_eq!(hex::encode(t.hash()), hash_hex(GOOD));
+        assert!(!format!("{t:?}").contains("0123456789abcdef0123"));
+    }
+
+    #[test]
+    fn rejects_other_shapes() {
+        for bad in [
+            "",
+            "ib_mcp_",
+            &GOOD[..GOOD.len() - 1],
+            &format!("{GOOD}0"),
+            &format!("{GOOD} "),
+            &GOOD.replace('a', "A"),
+            &GOOD.replace('a', "g"),
+            &GOOD.replace("ib_mcp_", "IB_MCP_"),
+            &GOOD.replace("ib_mcp_", "ib-mcp_"),
+        ] {
+            assert!(Token::parse(bad).is_err(), "{bad:?} should be rejected");
+        }
+    }
+
+    #[test]
+    fn mint_round_trips() {
+        let t = mint(&[0xab; 24]);
+        assert_eq!(t.len(), TOKEN_LEN);
+        let parsed = Token::parse(&t).unwrap();
+        assert_eq!(parsed.token_id(), "abababababababab");
+        assert!(is_token_id(parsed.token_id()));
+        assert_eq!(parse_hash_hex(&hash_hex(&t)), Some(hash(&t)));
+        assert_eq!(parse_hash_hex("ABC"), None);
+    }
+}

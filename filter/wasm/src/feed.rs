@@ -1,0 +1,233 @@
+//! The root context: validates the plugin configuration and keeps the
+//! policy snapshot fresh (DESIGN §8). It long-polls the control plane with
+//! `If-None-Match`, applies a new snapshot atomically for this VM, keeps the
+//! last good one on any error, and backs off with jitter while the control
+//! plane is away. Until the first snapshot arrives `policy` is `None`, which
+//! the pipeline answers with 503 `policy_unavailable`.
+
+use std::cell::RefCell;
+use std::rc::Rc;
+use std::time::Duration;
+
+use mcp_filter_core::config::PluginConfig;
+use mcp_filter_core::snapshot::Policy;
+use proxy_wasm::hostcalls;
+use proxy_wasm::traits::{Context, HttpContext, RootContext};
+use proxy_wasm::types::ContextType;
+
+use crate::host;
+use crate::metrics::Metrics;
+use crate::request::McpRequest;
+
+const TICK: Duration = Duration::from_millis(200);
+const BACKOFF_MIN_MS: i64 = 250;
+const BACKOFF_MAX_MS: i64 = 10_000;
+
+/// State shared by the root context and every request context of a VM.
+#[derive(Default)]
+pub struct Shared {
+    pub config: RefCell<Option<Rc<PluginConfig>>>,
+    pub policy: RefCell<Option<Rc<Policy>>>,
+    pub metrics: RefCell<Metrics>,
+}
+
+impl Shared {
+    pub fn config(&self) -> Option<Rc<PluginConfig>> {
+        self.config.borrow().clone()
+    }
+    pub fn policy(&self) -> Option<Rc<Policy>> {
+        self.policy.borrow().clone()
+    }
+    pub fn metrics(&self) -> Metrics {
+        *self.metrics.borrow()
+    }
+}
+
+/// The snapshot poll's state.
+#[derive(Default)]
+struct Poll {
+    in_flight: Option<u32>,
+    next_at_ms: i64,
+    backoff_ms: i64,
+    last_contact_ms: i64,
+    rng: u64,
+}
+
+pub struct Root {
+    shared: Rc<Shared>,
+    poll: Poll,
+}
+
+impl Root {
+    pub fn new() -> Self {
+        Self { shared: Rc::new(Shared::default()), poll: Poll::default() }
+    }
+
+    fn poll_now(&mut self) {
+        let Some(cfg) = self.shared.config() else { return };
+        if self.poll.in_flight.is_some() {
+            return;
+        }
+        let version = self.shared.policy().map(|p| p.version.clone());
+        let (path, timeout) = match &version {
+            Some(_) => (
+                format!("{}?wait={}", cfg.snapshot_path, cfg.snapshot_wait_seconds),
+                Duration::from_secs(u64::from(cfg.snapshot_wait_seconds) + 10),
+            ),
+            None => (cfg.snapshot_path.clone(), Duration::from_secs(10)),
+        };
+        let bearer = format!("Bearer {}", cfg.snapshot_secret);
+        let etag = version.map(|v| format!("\"{v}\""));
+        let mut headers = vec![
+            (":method", "GET"),
+            (":path", path.as_str()),
+            (":authority", cfg.snapshot_authority.as_str()),
+            ("authorization", bearer.as_str()),
+        ];
+        if let Some(etag) = &etag {
+            headers.push(("if-none-match", etag.as_str()));
+        }
+        match hostcalls::dispatch_http_call(&cfg.snapshot_cluster, headers, None, vec![], timeout) {
+            Ok(token) => self.poll.in_flight = Some(token),
+            Err(e) => {
+                log::warn!("snapshot poll to cluster {} could not start: {e:?}", cfg.snapshot_cluster);
+                self.failed();
+            }
+        }
+    }
+
+    fn failed(&mut self) {
+        Metrics::inc(self.shared.metrics().snapshot_errors);
+        let now = host::now_unix_ms();
+        self.poll.backoff_ms = (self.poll.backoff_ms * 2).clamp(BACKOFF_MIN_MS, BACKOFF_MAX_MS);
+        // xorshift jitter: wait between half and all of the backoff.
+        let mut x = self.poll.rng ^ (now as u64) ^ 0x9e37_79b9_7f4a_7c15;
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        self.poll.rng = x;
+        let half = self.poll.backoff_ms / 2;
+        self.poll.next_at_ms = now + half + (x % (half.max(1) as u64)) as i64;
+    }
+
+    fn succeeded(&mut self) {
+        self.poll.backoff_ms = 0;
+        self.poll.last_contact_ms = host::now_unix_ms();
+        self.poll.next_at_ms = 0;
+        self.report_age();
+    }
+
+    fn apply(&mut self, body_size: usize) {
+        let metrics = self.shared.metrics();
+        let Some(body) = host::http_call_response_body(body_size) else {
+            log::warn!("snapshot response had no body");
+            Metrics::inc(metrics.snapshot_rejected);
+            return self.failed();
+        };
+        let started = host::now_unix_ms();
+        match Policy::from_json(&body) {
+            Ok(policy) => {
+                log::info!(
+                    "applied snapshot version={} tokens={} in {} ms",
+                    policy.version,
+                    policy.token_count(),
+                    host::now_unix_ms() - started
+                );
+                Metrics::set(metrics.snapshot_tokens, policy.token_count() as u64);
+                Metrics::inc(metrics.snapshot_updates);
+                *self.shared.policy.borrow_mut() = Some(Rc::new(policy));
+                self.succeeded();
+            }
+            Err(e) => {
+                log::warn!("rejected snapshot, keeping the previous one: {e}");
+                Metrics::inc(metrics.snapshot_rejected);
+                self.failed();
+            }
+        }
+    }
+
+    fn report_age(&self) {
+        if self.poll.last_contact_ms > 0 {
+            let age = (host::now_unix_ms() - self.poll.last_contact_ms).max(0) / 1000;
+            Metrics::set(self.shared.metrics().snapshot_age_seconds, age as u64);
+        }
+    }
+}
+
+impl Context for Root {
+    fn on_http_call_response(&mut self, token_id: u32, num_headers: usize, body_size: usize, _trailers: usize) {
+        if self.poll.in_flight != Some(token_id) {
+            return;
+        }
+        self.poll.in_flight = None;
+        if num_headers == 0 {
+            log::warn!("snapshot poll failed (timeout or connection error)");
+            return self.failed();
+        }
+        match host::http_call_response_header(":status").as_deref() {
+            Some("200") => self.apply(body_size),
+            Some("304") => self.succeeded(),
+            other => {
+                log::warn!("snapshot poll answered {}", other.unwrap_or("without status"));
+                self.failed();
+            }
+        }
+        if self.poll.next_at_ms <= host::now_unix_ms() {
+            self.poll_now();
+        }
+    }
+}
+
+impl RootContext for Root {
+    fn on_vm_start(&mut self, _size: usize) -> bool {
+        *self.shared.metrics.borrow_mut() = Metrics::define();
+        true
+    }
+
+    fn on_configure(&mut self, _size: usize) -> bool {
+        let bytes = match hostcalls::get_buffer(proxy_wasm::types::BufferType::PluginConfiguration, 0, usize::MAX) {
+            Ok(Some(b)) => b,
+            Ok(None) => Vec::new(),
+            Err(e) => {
+                log::error!("cannot read plugin configuration: {e:?}");
+                return false;
+            }
+        };
+        match PluginConfig::parse(&bytes) {
+            Ok(cfg) => {
+                log::info!(
+                    "configured: snapshot cluster {}, {} routes",
+                    cfg.snapshot_cluster,
+                    cfg.routes.routes().len()
+                );
+                *self.shared.config.borrow_mut() = Some(Rc::new(cfg));
+            }
+            Err(e) => {
+                // Refusing makes Envoy reject this configuration; a running
+                // filter keeps its previous one.
+                log::error!("{e}");
+                return false;
+            }
+        }
+        if let Err(e) = hostcalls::set_tick_period(TICK) {
+            log::error!("cannot set tick period: {e:?}");
+        }
+        self.poll_now();
+        true
+    }
+
+    fn on_tick(&mut self) {
+        self.report_age();
+        if self.poll.in_flight.is_none() && host::now_unix_ms() >= self.poll.next_at_ms {
+            self.poll_now();
+        }
+    }
+
+    fn create_http_context(&self, context_id: u32) -> Option<Box<dyn HttpContext>> {
+        Some(Box::new(McpRequest::new(context_id, self.shared.clone())))
+    }
+
+    fn get_type(&self) -> Option<ContextType> {
+        Some(ContextType::HttpContext)
+    }
+}

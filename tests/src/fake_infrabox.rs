@@ -1,0 +1,1009 @@
+//! The fake InfraBox API upstream — the only mock in the system.
+//!
+//! It serves the upstream paths of the gateway's route table with the JSON
+//! shapes of InfraBox master, reads users, projects, collaborators and global
+//! tokens from the database the way InfraBox does, authenticates like
+//! InfraBox (`Authorization` first, `token` cookie only when that header is
+//! absent; RS256 user and global JWTs) and enforces collaborator membership
+//! and `scope_push` per request. Builds and jobs live in a small in-memory
+//! model. Every request is recorded before it is handled.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, Result};
+use axum::body::{Body, Bytes};
+use axum::http::{header, HeaderMap, Method, Request, StatusCode};
+use axum::response::{IntoResponse, Response};
+use base64::Engine;
+use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+use sqlx::postgres::PgPoolOptions;
+use sqlx::{PgPool, Row};
+use uuid::Uuid;
+
+/// Status InfraBox answers when OPA denies a request.
+pub const OPA_DENY_STATUS: u16 = 401;
+/// Status the fake answers when a global token lacks `scope_push` for a write.
+pub const SCOPE_DENY_STATUS: u16 = 403;
+
+/// How to run the fake.
+#[derive(Debug, Clone)]
+pub struct FakeInfraBoxConfig {
+    /// Database holding InfraBox's "user", project, collaborator, global_token.
+    pub database_url: String,
+    /// InfraBox's RSA public key (PEM) to verify JWTs. The matching private
+    /// key (needed to issue global tokens) is found automatically when the
+    /// pair came from [`crate::session::SigningKey`] in this process, or is
+    /// passed to [`FakeInfraBox::start_with_private_key`].
+    pub public_key_pem: String,
+    /// Where to listen (port 0 picks one).
+    pub bind: SocketAddr,
+    /// Enforce authentication and authorization like InfraBox; when false
+    /// every listed endpoint answers without looking at credentials.
+    pub enforce_auth: bool,
+}
+
+/// One request as received.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct RecordedRequest {
+    /// HTTP method.
+    pub method: String,
+    /// Path including the query string, as received.
+    pub path: String,
+    /// All headers in order (values lossy UTF-8).
+    pub headers: Vec<(String, String)>,
+    /// Body bytes (base64 in the JSON form).
+    #[serde(with = "body_base64")]
+    pub body: Vec<u8>,
+    /// When it was received, milliseconds since the Unix epoch.
+    pub received_at_ms: u128,
+}
+
+impl RecordedRequest {
+    /// The first header named `name` (case-insensitive).
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.iter().find(|(n, _)| n.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
+    }
+
+    /// Every header named `name` (case-insensitive).
+    pub fn header_all(&self, name: &str) -> Vec<&str> {
+        self.headers.iter().filter(|(n, _)| n.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str()).collect()
+    }
+
+    /// The received time as a `SystemTime`.
+    pub fn received_at(&self) -> SystemTime {
+        UNIX_EPOCH + Duration::from_millis(self.received_at_ms as u64)
+    }
+}
+
+mod body_base64 {
+    use base64::Engine;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(body: &[u8], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&base64::engine::general_purpose::STANDARD.encode(body))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+        let text = String::deserialize(d)?;
+        base64::engine::general_purpose::STANDARD.decode(text).map_err(serde::de::Error::custom)
+    }
+}
+
+/// A build in the in-memory model.
+#[derive(Debug, Clone)]
+struct BuildRecord {
+    project: Uuid,
+    build_number: i64,
+    restart_counter: i64,
+    jobs: Vec<Uuid>,
+}
+
+/// A job in the in-memory model.
+#[derive(Debug, Clone)]
+struct JobRecord {
+    project: Uuid,
+    name: String,
+    state: String,
+    console: Option<Bytes>,
+    archive: Vec<(String, Bytes)>,
+    output: Option<Bytes>,
+}
+
+#[derive(Debug, Default)]
+struct Model {
+    builds: HashMap<Uuid, BuildRecord>,
+    jobs: HashMap<Uuid, JobRecord>,
+}
+
+impl Model {
+    fn add_build(&mut self, project: Uuid, restart_of: Option<(i64, i64)>) -> (Uuid, Vec<Uuid>) {
+        let (build_number, restart_counter) = match restart_of {
+            Some((number, counter)) => (number, counter + 1),
+            None => {
+                let next = self.builds.values().filter(|b| b.project == project).map(|b| b.build_number).max();
+                (next.unwrap_or(0) + 1, 1)
+            }
+        };
+        let build = Uuid::new_v4();
+        let jobs: Vec<Uuid> = (0..2).map(|_| Uuid::new_v4()).collect();
+        for (i, job) in jobs.iter().enumerate() {
+            let name = if i == 0 { "Create Jobs".to_string() } else { "build".to_string() };
+            self.jobs.insert(
+                *job,
+                JobRecord {
+                    project,
+                    name,
+                    state: "finished".into(),
+                    console: None,
+                    archive: vec![(
+                        "report.xml".to_string(),
+                        Bytes::from(format!("<testsuite name=\"{job}\" tests=\"1\"/>\n")),
+                    )],
+                    output: None,
+                },
+            );
+        }
+        self.builds.insert(build, BuildRecord { project, build_number, restart_counter, jobs: jobs.clone() });
+        (build, jobs)
+    }
+}
+
+struct Shared {
+    config: FakeInfraBoxConfig,
+    pool: PgPool,
+    decoding: DecodingKey,
+    encoding: Option<EncodingKey>,
+    records: Mutex<Vec<RecordedRequest>>,
+    model: Mutex<Model>,
+}
+
+/// A running fake InfraBox; the server stops when this is dropped.
+pub struct FakeInfraBox {
+    addr: SocketAddr,
+    shared: Arc<Shared>,
+    server: tokio::task::JoinHandle<()>,
+}
+
+impl std::fmt::Debug for FakeInfraBox {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FakeInfraBox").field("addr", &self.addr).finish_non_exhaustive()
+    }
+}
+
+impl Drop for FakeInfraBox {
+    fn drop(&mut self) {
+        self.server.abort();
+    }
+}
+
+impl FakeInfraBox {
+    /// Connects to the database, binds, and serves on the current tokio
+    /// runtime. Global tokens are signed with the private key matching
+    /// `config.public_key_pem` if a `SigningKey` of this process has it.
+    pub async fn start(config: FakeInfraBoxConfig) -> Result<Self> {
+        let private = crate::session::private_pem_for(&config.public_key_pem);
+        Self::start_with_private_key(config, private).await
+    }
+
+    /// Like [`FakeInfraBox::start`] with an explicit private key (PEM);
+    /// without one, POST /api/v1/user/global-tokens answers 500.
+    pub async fn start_with_private_key(config: FakeInfraBoxConfig, private_key_pem: Option<String>) -> Result<Self> {
+        let pool = PgPoolOptions::new()
+            .max_connections(8)
+            .acquire_timeout(Duration::from_secs(10))
+            .connect(&config.database_url)
+            .await
+            .context("fake InfraBox: connecting to the database")?;
+        let decoding = DecodingKey::from_rsa_pem(config.public_key_pem.as_bytes()).context("parsing the public key")?;
+        let encoding = match &private_key_pem {
+            Some(pem) => Some(EncodingKey::from_rsa_pem(pem.as_bytes()).context("parsing the private key")?),
+            None => None,
+        };
+        let listener = tokio::net::TcpListener::bind(config.bind)
+            .await
+            .with_context(|| format!("fake InfraBox: binding {}", config.bind))?;
+        let addr = listener.local_addr()?;
+        let shared = Arc::new(Shared {
+            config,
+            pool,
+            decoding,
+            encoding,
+            records: Mutex::new(Vec::new()),
+            model: Mutex::new(Model::default()),
+        });
+        let state = shared.clone();
+        let app = axum::Router::new().fallback(move |req: Request<Body>| {
+            let state = state.clone();
+            async move { handle(state, req).await }
+        });
+        let server = tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        Ok(Self { addr, shared, server })
+    }
+
+    /// The bound address.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// `http://<addr>`.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Every recorded request, oldest first.
+    pub fn requests(&self) -> Vec<RecordedRequest> {
+        lock(&self.shared.records).clone()
+    }
+
+    /// Recorded requests whose path (with query) starts with `path_prefix`.
+    pub fn requests_matching(&self, path_prefix: &str) -> Vec<RecordedRequest> {
+        lock(&self.shared.records).iter().filter(|r| r.path.starts_with(path_prefix)).cloned().collect()
+    }
+
+    /// Forgets the recorded requests.
+    pub fn clear(&self) {
+        lock(&self.shared.records).clear();
+    }
+
+    /// Adds a build with two finished jobs ("Create Jobs", "build") to
+    /// `project` (which should exist in the database); returns the ids.
+    pub fn add_build(&self, project: Uuid) -> (Uuid, Vec<Uuid>) {
+        lock(&self.shared.model).add_build(project, None)
+    }
+
+    /// Replaces a job's console log (e.g. 20 MiB to test truncation).
+    /// Returns false if the job does not exist.
+    pub fn set_console(&self, job: Uuid, console: impl Into<Bytes>) -> bool {
+        match lock(&self.shared.model).jobs.get_mut(&job) {
+            Some(j) => {
+                j.console = Some(console.into());
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Replaces a job's archive files. Returns false if the job does not exist.
+    pub fn set_archive(&self, job: Uuid, files: Vec<(String, Vec<u8>)>) -> bool {
+        match lock(&self.shared.model).jobs.get_mut(&job) {
+            Some(j) => {
+                j.archive = files.into_iter().map(|(n, b)| (n, Bytes::from(b))).collect();
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Replaces a job's output tarball. Returns false if the job does not exist.
+    pub fn set_output(&self, job: Uuid, output: impl Into<Bytes>) -> bool {
+        match lock(&self.shared.model).jobs.get_mut(&job) {
+            Some(j) => {
+                j.output = Some(output.into());
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// The console a job serves (default text if none was set).
+    pub fn console_of(&self, job: Uuid) -> Option<Bytes> {
+        lock(&self.shared.model).jobs.get(&job).map(|j| console_bytes(job, j))
+    }
+
+    /// Builds of `project` as `(build_id, build_number, restart_counter)`, newest first.
+    pub fn builds_of(&self, project: Uuid) -> Vec<(Uuid, i64, i64)> {
+        let model = lock(&self.shared.model);
+        let mut builds: Vec<_> = model
+            .builds
+            .iter()
+            .filter(|(_, b)| b.project == project)
+            .map(|(id, b)| (*id, b.build_number, b.restart_counter))
+            .collect();
+        builds.sort_by(|a, b| (b.1, b.2).cmp(&(a.1, a.2)));
+        builds
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn console_bytes(job: Uuid, j: &JobRecord) -> Bytes {
+    j.console.clone().unwrap_or_else(|| {
+        Bytes::from(
+            (1..=20).map(|i| format!("[{}] job {job} console line {i}\n", j.name)).collect::<String>(),
+        )
+    })
+}
+
+fn output_bytes(job: Uuid, j: &JobRecord) -> Bytes {
+    j.output.clone().unwrap_or_else(|| {
+        let mut bytes = vec![0x1f, 0x8b, 0x08, 0x00];
+        bytes.extend_from_slice(job.as_bytes());
+        bytes.extend((0u8..=255).cycle().take(1024));
+        Bytes::from(bytes)
+    })
+}
+
+// ---------------------------------------------------------------------------
+// Request handling
+
+fn now_ms() -> u128 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis()).unwrap_or(0)
+}
+
+fn message(status: u16, text: &str) -> Response {
+    let code = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    (code, axum::Json(json!({"message": text, "status": status}))).into_response()
+}
+
+fn ok(text: &str, data: Option<Value>) -> Response {
+    let mut body = json!({"message": text, "status": 200});
+    if let Some(data) = data {
+        body["data"] = data;
+    }
+    axum::Json(body).into_response()
+}
+
+fn not_found() -> Response {
+    message(404, "The requested URL was not found on the server. If you entered the URL manually please check your spelling and try again.")
+}
+
+fn binary(content_type: &'static str, bytes: Bytes) -> Response {
+    ([(header::CONTENT_TYPE, content_type)], bytes).into_response()
+}
+
+async fn handle(state: Arc<Shared>, req: Request<Body>) -> Response {
+    let (parts, body) = req.into_parts();
+    let body = axum::body::to_bytes(body, usize::MAX).await.unwrap_or_default();
+    let path = parts.uri.path().to_string();
+    let path_and_query = parts.uri.path_and_query().map(|p| p.as_str().to_string()).unwrap_or_else(|| path.clone());
+
+    if path == "/__fake/requests" {
+        return match parts.method {
+            Method::GET => axum::Json(lock(&state.records).clone()).into_response(),
+            Method::DELETE => {
+                lock(&state.records).clear();
+                StatusCode::NO_CONTENT.into_response()
+            }
+            _ => message(405, "The method is not allowed for the requested URL."),
+        };
+    }
+
+    lock(&state.records).push(RecordedRequest {
+        method: parts.method.to_string(),
+        path: path_and_query.clone(),
+        headers: parts
+            .headers
+            .iter()
+            .map(|(n, v)| (n.as_str().to_string(), String::from_utf8_lossy(v.as_bytes()).into_owned()))
+            .collect(),
+        body: body.to_vec(),
+        received_at_ms: now_ms(),
+    });
+
+    let query: HashMap<String, String> = parts
+        .uri
+        .query()
+        .map(|q| {
+            q.split('&')
+                .filter(|kv| !kv.is_empty())
+                .map(|kv| {
+                    let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
+                    (percent_decode(k), percent_decode(v))
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+
+    match route(&state, &parts.method, &path, &parts.headers, &query, &body).await {
+        Ok(resp) => resp,
+        Err(err) => message(500, &format!("fake InfraBox internal error: {err:#}")),
+    }
+}
+
+fn percent_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = bytes.get(i + 1..i + 3).and_then(|h| std::str::from_utf8(h).ok()).and_then(|h| u8::from_str_radix(h, 16).ok());
+        match (bytes[i], hex) {
+            (b'+', _) => out.push(b' '),
+            (b'%', Some(b)) => {
+                out.push(b);
+                i += 2;
+            }
+            (b, _) => out.push(b),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// A caller after token normalisation.
+#[derive(Debug, Clone)]
+enum Caller {
+    Anonymous,
+    User { id: Uuid, system_role: String },
+    Global { owner: Uuid, scope_push: bool },
+    /// An `ib_mcp_` value: InfraBox's placeholder `{"type":"mcp"}`.
+    Mcp,
+}
+
+impl Caller {
+    fn user_id(&self) -> Option<Uuid> {
+        match self {
+            Caller::User { id, .. } => Some(*id),
+            Caller::Global { owner, .. } => Some(*owner),
+            _ => None,
+        }
+    }
+
+    fn is_system_admin(&self) -> bool {
+        matches!(self, Caller::User { system_role, .. } if system_role == "admin" || system_role == "devops")
+    }
+}
+
+/// InfraBox's `get_token`: the raw credential, Authorization before cookie.
+fn extract_token(headers: &HeaderMap) -> Option<String> {
+    if let Some(auth) = headers.get(header::AUTHORIZATION) {
+        let auth = String::from_utf8_lossy(auth.as_bytes()).into_owned();
+        if let Some(rest) = auth.strip_prefix("Basic ") {
+            let decoded = base64::engine::general_purpose::STANDARD.decode(rest.trim()).ok()?;
+            let decoded = String::from_utf8(decoded).ok()?;
+            let (user, password) = decoded.split_once(':')?;
+            return (user == "infrabox").then(|| password.to_string());
+        }
+        for scheme in ["token ", "bearer ", "Bearer "] {
+            if let Some(rest) = auth.strip_prefix(scheme) {
+                return Some(rest.to_string());
+            }
+        }
+        return None;
+    }
+    for cookie_header in headers.get_all(header::COOKIE) {
+        let text = String::from_utf8_lossy(cookie_header.as_bytes()).into_owned();
+        for pair in text.split(';') {
+            if let Some((name, value)) = pair.trim().split_once('=') {
+                if name == "token" {
+                    return Some(value.to_string());
+                }
+            }
+        }
+    }
+    None
+}
+
+/// InfraBox's `normalize_token`.
+async fn authenticate(state: &Shared, headers: &HeaderMap) -> Result<Caller> {
+    let Some(token) = extract_token(headers) else { return Ok(Caller::Anonymous) };
+    if token.starts_with("ib_mcp_") {
+        return Ok(Caller::Mcp);
+    }
+    let mut validation = Validation::new(Algorithm::RS256);
+    validation.required_spec_claims.clear();
+    validation.validate_exp = false;
+    validation.validate_aud = false;
+    let Ok(data) = jsonwebtoken::decode::<Value>(&token, &state.decoding, &validation) else {
+        return Ok(Caller::Anonymous);
+    };
+    let claims = data.claims;
+    match claims["type"].as_str() {
+        Some("user") => {
+            let Some(id) = claims["user"]["id"].as_str().and_then(|s| Uuid::parse_str(s).ok()) else {
+                return Ok(Caller::Anonymous);
+            };
+            let row = sqlx::query(r#"SELECT to_jsonb(u)->>'role' AS role FROM "user" u WHERE id = $1"#)
+                .bind(id)
+                .fetch_optional(&state.pool)
+                .await?;
+            Ok(match row {
+                Some(row) => Caller::User {
+                    id,
+                    system_role: row.try_get::<Option<String>, _>("role")?.unwrap_or_else(|| "user".into()),
+                },
+                None => Caller::Anonymous,
+            })
+        }
+        Some("global") => {
+            let Some(id) = claims["id"].as_str().and_then(|s| Uuid::parse_str(s).ok()) else {
+                return Ok(Caller::Anonymous);
+            };
+            let row = sqlx::query("SELECT user_id, scope_push FROM global_token WHERE id = $1 AND expires_at > now()")
+                .bind(id)
+                .fetch_optional(&state.pool)
+                .await?;
+            Ok(match row {
+                Some(row) => Caller::Global { owner: row.try_get("user_id")?, scope_push: row.try_get("scope_push")? },
+                None => Caller::Anonymous,
+            })
+        }
+        _ => Ok(Caller::Anonymous),
+    }
+}
+
+#[derive(Debug, Clone)]
+struct ProjectRow {
+    id: Uuid,
+    name: String,
+    project_type: String,
+    public: bool,
+}
+
+async fn load_project(pool: &PgPool, id: Uuid) -> Result<Option<ProjectRow>> {
+    let row = sqlx::query("SELECT id, name, type::text AS type, public FROM project WHERE id = $1")
+        .bind(id)
+        .fetch_optional(pool)
+        .await?;
+    row.map(|r| {
+        Ok(ProjectRow { id: r.try_get("id")?, name: r.try_get("name")?, project_type: r.try_get("type")?, public: r.try_get("public")? })
+    })
+    .transpose()
+}
+
+async fn collaborator_role(pool: &PgPool, user: Uuid, project: Uuid) -> Result<Option<String>> {
+    let row = sqlx::query("SELECT role::text AS role FROM collaborator WHERE user_id = $1 AND project_id = $2")
+        .bind(user)
+        .bind(project)
+        .fetch_optional(pool)
+        .await?;
+    Ok(match row {
+        Some(r) => Some(r.try_get("role")?),
+        None => None,
+    })
+}
+
+fn project_json(p: &ProjectRow, role: Option<&str>) -> Value {
+    let mut v = json!({"id": p.id, "name": p.name, "type": p.project_type, "public": p.public});
+    if let Some(role) = role {
+        v["userrole"] = json!(role);
+    }
+    v
+}
+
+/// Endpoint shapes under `/api/v1/projects/<pid>/`.
+#[derive(Debug, Clone, PartialEq)]
+enum ProjectEndpoint {
+    Project,
+    Builds,
+    Build(Uuid),
+    BuildJobs(Uuid),
+    BuildAction(Uuid, &'static str),
+    Jobs,
+    JobData(Uuid, &'static str),
+    ArchiveDownload(Uuid),
+    JobAction(Uuid, &'static str),
+    Trigger,
+}
+
+impl ProjectEndpoint {
+    fn method(&self) -> Method {
+        if *self == ProjectEndpoint::Trigger { Method::POST } else { Method::GET }
+    }
+
+    fn is_write(&self) -> bool {
+        matches!(self, ProjectEndpoint::Trigger | ProjectEndpoint::BuildAction(..) | ProjectEndpoint::JobAction(..))
+    }
+}
+
+/// `Some(Err(()))` = the shape of a project endpoint with a non-UUID id (404).
+fn classify(rest: &[&str]) -> Option<Result<ProjectEndpoint, ()>> {
+    let id = |s: &str| Uuid::parse_str(s).map_err(|_| ());
+    let pick = |s: &str, names: &[&'static str]| names.iter().copied().find(|n| *n == s);
+    Some(match rest {
+        [] => Ok(ProjectEndpoint::Project),
+        ["builds"] => Ok(ProjectEndpoint::Builds),
+        ["builds", b] => id(b).map(ProjectEndpoint::Build),
+        ["builds", b, "jobs"] => id(b).map(ProjectEndpoint::BuildJobs),
+        ["builds", b, a] => {
+            let action = pick(a, &["restart", "abort"])?;
+            id(b).map(|b| ProjectEndpoint::BuildAction(b, action))
+        }
+        ["jobs"] => Ok(ProjectEndpoint::Jobs),
+        ["jobs", j, "archive", "download"] => id(j).map(ProjectEndpoint::ArchiveDownload),
+        ["jobs", j, what] => {
+            if let Some(action) = pick(what, &["restart", "rerun", "abort"]) {
+                id(j).map(|j| ProjectEndpoint::JobAction(j, action))
+            } else {
+                let data = pick(what, &["console", "archive", "output", "testruns", "stats", "tabs", "badges"])?;
+                id(j).map(|j| ProjectEndpoint::JobData(j, data))
+            }
+        }
+        ["trigger"] => Ok(ProjectEndpoint::Trigger),
+        _ => return None,
+    })
+}
+
+async fn route(
+    state: &Arc<Shared>,
+    method: &Method,
+    path: &str,
+    headers: &HeaderMap,
+    query: &HashMap<String, String>,
+    body: &Bytes,
+) -> Result<Response> {
+    let trimmed = path.trim_end_matches('/');
+    let segments: Vec<&str> = trimmed.split('/').skip(1).collect();
+    let enforce = state.config.enforce_auth;
+
+    match segments.as_slice() {
+        ["api", "v1", "projects"] => {
+            if *method != Method::GET {
+                return Ok(catch_all(method, path));
+            }
+            let caller = authenticate(state, headers).await?;
+            let Some(user) = caller.user_id() else {
+                return Ok(message(OPA_DENY_STATUS, "Unauthorized"));
+            };
+            let rows = sqlx::query(
+                "SELECT p.id, p.name, p.type::text AS type, p.public, c.role::text AS role
+                 FROM project p JOIN collaborator c ON c.project_id = p.id
+                 WHERE c.user_id = $1 ORDER BY p.name",
+            )
+            .bind(user)
+            .fetch_all(&state.pool)
+            .await?;
+            let mut list = Vec::new();
+            for r in rows {
+                let p = ProjectRow {
+                    id: r.try_get("id")?,
+                    name: r.try_get("name")?,
+                    project_type: r.try_get("type")?,
+                    public: r.try_get("public")?,
+                };
+                let role: String = r.try_get("role")?;
+                list.push(project_json(&p, Some(&role)));
+            }
+            Ok(axum::Json(Value::Array(list)).into_response())
+        }
+        ["api", "v1", "projects", pid, rest @ ..] => {
+            let Some(endpoint) = classify(rest) else { return Ok(catch_all(method, path)) };
+            let (Ok(endpoint), Ok(pid)) = (endpoint, Uuid::parse_str(pid)) else { return Ok(not_found()) };
+            if *method != endpoint.method() {
+                return Ok(message(405, "The method is not allowed for the requested URL."));
+            }
+            project_endpoint(state, pid, endpoint, headers, query, body, enforce).await
+        }
+        ["api", "v1", "user", "global-tokens"] if *method == Method::POST => create_global_token(state, headers, body).await,
+        ["api", "v1", "user", "global-tokens", id] if *method == Method::DELETE => {
+            delete_global_token(state, headers, id).await
+        }
+        _ => Ok(catch_all(method, path)),
+    }
+}
+
+fn catch_all(method: &Method, path: &str) -> Response {
+    axum::Json(json!({"fake": "infrabox", "method": method.as_str(), "path": path})).into_response()
+}
+
+async fn project_endpoint(
+    state: &Arc<Shared>,
+    pid: Uuid,
+    endpoint: ProjectEndpoint,
+    headers: &HeaderMap,
+    query: &HashMap<String, String>,
+    body: &Bytes,
+    enforce: bool,
+) -> Result<Response> {
+    let caller = authenticate(state, headers).await?;
+    let project = load_project(&state.pool, pid).await?;
+    let role = match caller.user_id() {
+        Some(user) => collaborator_role(&state.pool, user, pid).await?,
+        None => None,
+    };
+
+    if enforce && !caller.is_system_admin() {
+        // OPA emulation (projects_*.rego): collaborators, or anyone on a public
+        // project for reads; writes need a collaborator and, for a global
+        // token, scope_push.
+        let collaborator = role.is_some() && matches!(caller, Caller::User { .. } | Caller::Global { .. });
+        let public = project.as_ref().is_some_and(|p| p.public);
+        let allowed = if endpoint.is_write() {
+            collaborator
+        } else {
+            match (&caller, &endpoint) {
+                // builds/ and builds/<id>: project and global tokens only; a
+                // plain user session is refused, builds/<id> is not public.
+                (Caller::User { .. }, ProjectEndpoint::Builds | ProjectEndpoint::Build(_)) => false,
+                (_, ProjectEndpoint::Build(_)) => collaborator,
+                _ => collaborator || public,
+            }
+        };
+        if !allowed {
+            return Ok(message(OPA_DENY_STATUS, "Unauthorized"));
+        }
+        if endpoint.is_write() {
+            if let Caller::Global { scope_push: false, .. } = caller {
+                return Ok(message(SCOPE_DENY_STATUS, "Forbidden: global token has no push scope"));
+            }
+        }
+    }
+
+    let Some(project) = project else { return Ok(message(404, "Project not found")) };
+    let mut model = lock(&state.model);
+
+    let build_of = |model: &Model, bid: Uuid| model.builds.get(&bid).filter(|b| b.project == pid).cloned();
+    let job_of = |model: &Model, jid: Uuid| model.jobs.get(&jid).filter(|j| j.project == pid).cloned();
+
+    Ok(match endpoint {
+        ProjectEndpoint::Project => axum::Json(project_json(&project, role.as_deref())).into_response(),
+        ProjectEndpoint::Builds => {
+            let mut builds: Vec<_> = model.builds.iter().filter(|(_, b)| b.project == pid).collect();
+            builds.sort_by(|a, b| (b.1.build_number, b.1.restart_counter).cmp(&(a.1.build_number, a.1.restart_counter)));
+            let list: Vec<Value> = builds
+                .into_iter()
+                .take(50)
+                .map(|(id, b)| json!({"id": id, "build_number": b.build_number, "restart_counter": b.restart_counter}))
+                .collect();
+            axum::Json(list).into_response()
+        }
+        ProjectEndpoint::Build(bid) => match build_of(&model, bid) {
+            Some(b) => axum::Json(json!([{"id": bid, "build_number": b.build_number, "restart_counter": b.restart_counter}]))
+                .into_response(),
+            None => message(404, "Build not found"),
+        },
+        ProjectEndpoint::BuildJobs(bid) => match build_of(&model, bid) {
+            Some(b) => {
+                let jobs: Vec<Value> = b
+                    .jobs
+                    .iter()
+                    .filter_map(|jid| model.jobs.get(jid).map(|j| (jid, j)))
+                    .map(|(jid, j)| job_model_json(*jid, j, &b))
+                    .collect();
+                axum::Json(jobs).into_response()
+            }
+            None => message(404, "Build not found"),
+        },
+        ProjectEndpoint::Jobs => {
+            let mut builds: Vec<_> = model.builds.iter().filter(|(_, b)| b.project == pid).collect();
+            builds.sort_by(|a, b| (b.1.build_number, b.1.restart_counter).cmp(&(a.1.build_number, a.1.restart_counter)));
+            let mut list = Vec::new();
+            for (bid, b) in builds.into_iter().take(10) {
+                for jid in &b.jobs {
+                    if let Some(j) = model.jobs.get(jid) {
+                        list.push(json!({
+                            "build": {"id": bid, "build_number": b.build_number, "restart_counter": b.restart_counter, "is_cronjob": false},
+                            "project": {"id": project.id, "name": project.name, "type": project.project_type},
+                            "commit": null,
+                            "pull_request": null,
+                            "source_upload": null,
+                            "job": {
+                                "id": jid, "state": j.state, "start_date": "2026-01-01T00:00:00+00:00",
+                                "end_date": "2026-01-01T00:01:00+00:00", "name": j.name, "cluster_name": "master",
+                                "dependencies": [], "created_at": "2026-01-01T00:00:00+00:00", "message": null,
+                                "definition": {"name": j.name, "type": "docker"}, "node_name": "node-1",
+                                "avg_cpu": 0.5, "restarted": false
+                            }
+                        }));
+                    }
+                }
+            }
+            axum::Json(list).into_response()
+        }
+        ProjectEndpoint::JobData(jid, what) => {
+            let Some(j) = job_of(&model, jid) else { return Ok(message(404, "Job not found")) };
+            match what {
+                "console" => binary("text/plain; charset=utf-8", console_bytes(jid, &j)),
+                "output" => binary("application/gzip", output_bytes(jid, &j)),
+                "archive" => axum::Json(
+                    j.archive.iter().map(|(name, b)| json!({"filename": name, "size": b.len()})).collect::<Vec<_>>(),
+                )
+                .into_response(),
+                "testruns" => axum::Json(json!([
+                    {"state": "ok", "name": "test_login", "suite": "auth", "duration": 12, "message": "", "stack": "", "timestamp": "2026-01-01T00:00:30+00:00"},
+                    {"state": "failure", "name": "test_logout", "suite": "auth", "duration": 7, "message": "assert", "stack": "Traceback", "timestamp": "2026-01-01T00:00:31+00:00"}
+                ]))
+                .into_response(),
+                "stats" => axum::Json(json!({j.name.clone(): [
+                    {"cpu": 12.5, "mem": 104857600, "date": 1767225600},
+                    {"cpu": 40.0, "mem": 209715200, "date": 1767225610}
+                ]}))
+                .into_response(),
+                "tabs" => axum::Json(json!([{"name": "Summary", "data": "{\"type\":\"group\",\"elements\":[]}", "type": "markup"}]))
+                    .into_response(),
+                "badges" => axum::Json(json!([{"subject": "coverage", "status": "87%", "color": "green"}])).into_response(),
+                _ => not_found(),
+            }
+        }
+        ProjectEndpoint::ArchiveDownload(jid) => {
+            let Some(j) = job_of(&model, jid) else { return Ok(message(404, "Job not found")) };
+            let Some(filename) = query.get("filename") else { return Ok(message(400, "filename not set")) };
+            match j.archive.iter().find(|(n, _)| n == filename) {
+                Some((_, bytes)) => binary("application/octet-stream", bytes.clone()),
+                None => message(404, "File not found"),
+            }
+        }
+        ProjectEndpoint::Trigger => {
+            let parsed: Value = serde_json::from_slice(body).unwrap_or(Value::Null);
+            if parsed.get("branch_or_sha").and_then(Value::as_str).is_none() {
+                return Ok(message(400, "Input payload validation failed: 'branch_or_sha' is a required property"));
+            }
+            let (bid, _) = model.add_build(pid, None);
+            let number = model.builds[&bid].build_number;
+            ok("Build triggered", Some(json!({"build": {"id": bid, "build_number": number, "restartCounter": 1}})))
+        }
+        ProjectEndpoint::BuildAction(bid, action) => {
+            let Some(b) = build_of(&model, bid) else { return Ok(message(404, "Build not found")) };
+            match action {
+                "restart" => {
+                    let counter = model
+                        .builds
+                        .values()
+                        .filter(|x| x.project == pid && x.build_number == b.build_number)
+                        .map(|x| x.restart_counter)
+                        .max()
+                        .unwrap_or(b.restart_counter);
+                    let (new_id, _) = model.add_build(pid, Some((b.build_number, counter)));
+                    ok("Restarted", Some(json!({"build": {"id": new_id, "restartCounter": counter + 1}})))
+                }
+                _ => {
+                    for jid in &b.jobs {
+                        if let Some(j) = model.jobs.get_mut(jid) {
+                            j.state = "killed".into();
+                        }
+                    }
+                    ok("Aborted all jobs", None)
+                }
+            }
+        }
+        ProjectEndpoint::JobAction(jid, action) => {
+            if job_of(&model, jid).is_none() {
+                return Ok(message(404, "Job not found"));
+            }
+            if let Some(j) = model.jobs.get_mut(&jid) {
+                j.state = if action == "abort" { "killed".into() } else { "queued".into() };
+            }
+            match action {
+                "restart" => ok("Successfully restarted job", None),
+                "rerun" => ok("Successfully started rerun", None),
+                _ => ok("Successfully aborted job", None),
+            }
+        }
+    })
+}
+
+fn job_model_json(jid: Uuid, j: &JobRecord, b: &BuildRecord) -> Value {
+    let depends_on: Vec<Value> = if j.name == "Create Jobs" {
+        vec![]
+    } else {
+        b.jobs
+            .first()
+            .map(|first| vec![json!({"on": ["finished"], "job": "Create Jobs", "job-id": first})])
+            .unwrap_or_default()
+    };
+    json!({
+        "id": jid, "name": j.name, "type": "run_project_container", "state": j.state,
+        "start_date": "2026-01-01T00:00:00+00:00", "end_date": "2026-01-01T00:01:00+00:00",
+        "resources": {"limits": {"cpu": 1, "memory": 1024}}, "message": null,
+        "docker_file": "Dockerfile", "depends_on": depends_on
+    })
+}
+
+#[derive(Deserialize)]
+struct GlobalTokenRequest {
+    description: Option<String>,
+    scope_push: Option<bool>,
+    scope_pull: Option<bool>,
+    expires_days: Option<i64>,
+}
+
+async fn session_user(state: &Shared, headers: &HeaderMap) -> Result<Option<(Uuid, String)>> {
+    Ok(match authenticate(state, headers).await? {
+        Caller::User { id, system_role } => Some((id, system_role)),
+        _ => None,
+    })
+}
+
+async fn create_global_token(state: &Arc<Shared>, headers: &HeaderMap, body: &Bytes) -> Result<Response> {
+    let Some((user, _role)) = session_user(state, headers).await? else {
+        return Ok(message(OPA_DENY_STATUS, "Unauthorized"));
+    };
+    let Ok(req) = serde_json::from_slice::<GlobalTokenRequest>(body) else {
+        return Ok(message(400, "Input payload validation failed"));
+    };
+    let Some(description) = req.description.filter(|d| !d.trim().is_empty()) else {
+        return Ok(message(400, "description is required"));
+    };
+    let expires_days = req.expires_days.unwrap_or(365);
+    if !(1..=3650).contains(&expires_days) {
+        return Ok(message(400, "expires_days must be between 1 and 3650"));
+    }
+    let Some(encoding) = &state.encoding else {
+        return Ok(message(500, "fake InfraBox has no private key configured"));
+    };
+    let scope_push = req.scope_push.unwrap_or(false);
+    let scope_pull = req.scope_pull.unwrap_or(true);
+    let id = Uuid::new_v4();
+    sqlx::query(
+        "INSERT INTO global_token (id, description, scope_push, scope_pull, user_id, expires_at)
+         VALUES ($1, $2, $3, $4, $5, now() + make_interval(days => $6))",
+    )
+    .bind(id)
+    .bind(&description)
+    .bind(scope_push)
+    .bind(scope_pull)
+    .bind(user)
+    .bind(expires_days as i32)
+    .execute(&state.pool)
+    .await?;
+    let token = jsonwebtoken::encode(
+        &Header::new(Algorithm::RS256),
+        &json!({"id": id.to_string(), "type": "global"}),
+        encoding,
+    )?;
+    Ok(axum::Json(json!({
+        "id": id, "token": token, "description": description,
+        "scope_push": scope_push, "scope_pull": scope_pull, "expires_days": expires_days
+    }))
+    .into_response())
+}
+
+async fn delete_global_token(state: &Arc<Shared>, headers: &HeaderMap, id: &str) -> Result<Response> {
+    let Some((user, _)) = session_user(state, headers).await? else {
+        return Ok(message(OPA_DENY_STATUS, "Unauthorized"));
+    };
+    let Ok(id) = Uuid::parse_str(id) else { return Ok(message(404, "Token not found")) };
+    let done = sqlx::query("DELETE FROM global_token WHERE id = $1 AND user_id = $2")
+        .bind(id)
+        .bind(user)
+        .execute(&state.pool)
+        .await?;
+    Ok(if done.rows_affected() == 1 { ok("Token deleted", None) } else { message(404, "Token not found") })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::http::HeaderValue;
+
+    fn headers(pairs: &[(&'static str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (n, v) in pairs {
+            h.append(*n, HeaderValue::from_str(v).unwrap());
+        }
+        h
+    }
+
+    #[test]
+    fn token_extraction_follows_infrabox() {
+        let basic = base64::engine::general_purpose::STANDARD.encode("infrabox:jwt1");
+        assert_eq!(extract_token(&headers(&[("authorization", &format!("Basic {basic}"))])).as_deref(), Some("jwt1"));
+        assert_eq!(extract_token(&headers(&[("authorization", "token a")])).as_deref(), Some("a"));
+        assert_eq!(extract_token(&headers(&[("authorization", "bearer b")])).as_deref(), Some("b"));
+        assert_eq!(extract_token(&headers(&[("authorization", "Bearer c")])).as_deref(), Some("c"));
+        assert_eq!(extract_token(&headers(&[("authorization", "BEARER c")])), None);
+        // The cookie only counts when Authorization is absent.
+        assert_eq!(
+            extract_token(&headers(&[("authorization", "Digest x"), ("cookie", "token=k")])),
+            None
+        );
+        assert_eq!(extract_token(&headers(&[("cookie", "a=1; token=k; b=2")])).as_deref(), Some("k"));
+    }
+
+    #[test]
+    fn classifies_project_paths() {
+        let j = Uuid::new_v4();
+        let js = j.to_string();
+        assert_eq!(classify(&[]), Some(Ok(ProjectEndpoint::Project)));
+        assert_eq!(classify(&["jobs", &js, "rerun"]), Some(Ok(ProjectEndpoint::JobAction(j, "rerun"))));
+        assert_eq!(classify(&["jobs", &js, "archive", "download"]), Some(Ok(ProjectEndpoint::ArchiveDownload(j))));
+        assert_eq!(classify(&["jobs", "nope", "console"]), Some(Err(())));
+        assert_eq!(classify(&["cronjobs"]), None);
+        assert!(ProjectEndpoint::BuildAction(j, "abort").is_write());
+        assert_eq!(ProjectEndpoint::Trigger.method(), Method::POST);
+    }
+
+    #[test]
+    fn decodes_query_values() {
+        assert_eq!(percent_decode("a%20b+c%2Fd"), "a b c/d");
+        assert_eq!(percent_decode("100%"), "100%");
+    }
+}

@@ -1,0 +1,194 @@
+//! A throw-away PostgreSQL server (the distribution's binaries) for tests:
+//! `initdb` into a scratch directory, run on a free loopback port with
+//! durability switched off, create one database per test.
+
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, OnceLock};
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use sqlx::Connection;
+
+use crate::ports::free_port;
+use crate::process::{spawn_on_owner_thread, ManagedProcess};
+
+/// A running Postgres; stopped (and its process killed) on drop.
+#[derive(Debug)]
+pub struct PostgresServer {
+    port: u16,
+    data_dir: PathBuf,
+    process: Mutex<ManagedProcess>,
+}
+
+/// The `bin` directory of the newest `/usr/lib/postgresql/<version>`.
+pub fn postgres_bin_dir() -> Result<PathBuf> {
+    let mut versions: Vec<(u32, PathBuf)> = std::fs::read_dir("/usr/lib/postgresql")
+        .context("listing /usr/lib/postgresql (is PostgreSQL installed?)")?
+        .flatten()
+        .filter_map(|e| {
+            let v = e.file_name().to_str()?.parse::<u32>().ok()?;
+            let bin = e.path().join("bin");
+            bin.join("postgres").exists().then_some((v, bin))
+        })
+        .collect();
+    versions.sort();
+    versions.pop().map(|(_, bin)| bin).context("no /usr/lib/postgresql/*/bin/postgres found")
+}
+
+/// uid/gid of the `postgres` system user, when this process runs as root.
+fn unprivileged_owner() -> Result<Option<(u32, u32)>> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        return Ok(None);
+    }
+    let name = std::ffi::CString::new("postgres")?;
+    // SAFETY: getpwnam returns a pointer into static storage or null; we copy out at once.
+    let pw = unsafe { libc::getpwnam(name.as_ptr()) };
+    if pw.is_null() {
+        bail!("running as root but there is no `postgres` user to run the server as");
+    }
+    // SAFETY: non-null result of getpwnam.
+    let (uid, gid) = unsafe { ((*pw).pw_uid, (*pw).pw_gid) };
+    Ok(Some((uid, gid)))
+}
+
+fn as_owner(command: &mut Command, owner: Option<(u32, u32)>) {
+    if let Some((uid, gid)) = owner {
+        command.uid(uid).gid(gid);
+    }
+}
+
+impl PostgresServer {
+    /// Initialises a cluster in `base_dir/data` and starts it. The process is
+    /// spawned from the process-owner thread, so it lives until dropped or
+    /// until the test process exits.
+    pub fn start(base_dir: &Path) -> Result<Self> {
+        let bin = postgres_bin_dir()?;
+        let owner = unprivileged_owner()?;
+        std::fs::create_dir_all(base_dir)?;
+        std::fs::set_permissions(base_dir, std::fs::Permissions::from_mode(0o755))?;
+        let data_dir = base_dir.join("data");
+        std::fs::create_dir_all(&data_dir)?;
+        std::fs::set_permissions(&data_dir, std::fs::Permissions::from_mode(0o700))?;
+        if let Some((uid, gid)) = owner {
+            std::os::unix::fs::chown(&data_dir, Some(uid), Some(gid))
+                .with_context(|| format!("chown {}", data_dir.display()))?;
+        }
+
+        let mut initdb = Command::new(bin.join("initdb"));
+        initdb
+            .arg("-D")
+            .arg(&data_dir)
+            .args(["-A", "trust", "-U", "postgres", "--no-sync", "-E", "UTF8", "--locale=C"])
+            .current_dir(base_dir)
+            .env("LC_ALL", "C");
+        as_owner(&mut initdb, owner);
+        let out = initdb.output().context("running initdb")?;
+        if !out.status.success() {
+            bail!(
+                "initdb failed ({}):\n{}{}",
+                out.status,
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+
+        let port = free_port();
+        let mut postgres = Command::new(bin.join("postgres"));
+        postgres
+            .arg("-D")
+            .arg(&data_dir)
+            .arg("-p")
+            .arg(port.to_string())
+            .arg("-k")
+            .arg(&data_dir)
+            .args([
+                "-c", "listen_addresses=127.0.0.1",
+                "-c", "fsync=off",
+                "-c", "synchronous_commit=off",
+                "-c", "full_page_writes=off",
+                "-c", "max_connections=300",
+            ])
+            .current_dir(base_dir)
+            .env("LC_ALL", "C");
+        as_owner(&mut postgres, owner);
+        let log = base_dir.join("postgres.log");
+        let mut process = spawn_on_owner_thread(move || ManagedProcess::spawn("postgres", postgres, &log))?;
+        process.wait_for_log("database system is ready to accept connections", Duration::from_secs(60))?;
+        Ok(Self { port, data_dir, process: Mutex::new(process) })
+    }
+
+    /// The process-wide server under `target/e2e/<pid>/postgres`, started on first use.
+    pub fn shared() -> &'static PostgresServer {
+        static SHARED: OnceLock<PostgresServer> = OnceLock::new();
+        SHARED.get_or_init(|| {
+            PostgresServer::start(&crate::scratch::process_dir().join("postgres"))
+                .expect("starting the shared Postgres server")
+        })
+    }
+
+    /// The TCP port on 127.0.0.1.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// The cluster's data directory (also holds the Unix socket).
+    pub fn data_dir(&self) -> &Path {
+        &self.data_dir
+    }
+
+    /// URL of the `postgres` database as the superuser `postgres`.
+    pub fn admin_url(&self) -> String {
+        self.url_for("postgres")
+    }
+
+    /// URL of database `name` as the superuser `postgres`.
+    pub fn url_for(&self, name: &str) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/{}", self.port, name)
+    }
+
+    /// Creates database `name` (`[a-z0-9_]`, at most 63 bytes) and returns its URL.
+    pub async fn create_database(&self, name: &str) -> Result<String> {
+        if name.is_empty()
+            || name.len() > 63
+            || !name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+        {
+            bail!("invalid database name {name:?}");
+        }
+        let mut conn = sqlx::PgConnection::connect(&self.admin_url())
+            .await
+            .context("connecting to the admin database")?;
+        sqlx::query(&format!("CREATE DATABASE \"{name}\""))
+            .execute(&mut conn)
+            .await
+            .with_context(|| format!("CREATE DATABASE {name}"))?;
+        conn.close().await.ok();
+        Ok(self.url_for(name))
+    }
+
+    /// Creates a database with a unique name starting with `prefix`.
+    pub async fn create_unique_database(&self, prefix: &str) -> Result<String> {
+        static NEXT: AtomicU64 = AtomicU64::new(0);
+        let prefix: String = prefix
+            .chars()
+            .map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_lowercase() } else { '_' })
+            .take(40)
+            .collect();
+        let name = format!("{prefix}_{}_{}", std::process::id(), NEXT.fetch_add(1, Ordering::Relaxed));
+        self.create_database(&name).await
+    }
+
+    /// The server's log so far.
+    pub fn log_contents(&self) -> String {
+        self.process.lock().map(|p| p.log_contents()).unwrap_or_default()
+    }
+
+    /// Stops the server (SIGTERM = smart shutdown, then SIGKILL).
+    pub fn stop(&self) -> Result<()> {
+        self.process.lock().map_err(|_| anyhow::anyhow!("lock poisoned"))?.stop_with_grace(Duration::from_secs(5))
+    }
+}

@@ -1,0 +1,391 @@
+//! End to end through real Envoy running `mcp_filter.wasm`, the control
+//! plane, Postgres and the fake InfraBox: token auth, where MCP tokens are
+//! accepted, the snapshot feed and the token API (issue "The gateway end
+//! to end").
+
+use std::time::{Duration, Instant};
+
+use base64::Engine;
+use mcp_gateway_tests::http::{RawRequest, RawResponse};
+use mcp_gateway_tests::scratch::fresh_dir;
+use mcp_gateway_tests::session::SigningKey;
+use mcp_gateway_tests::stack::{Stack, StackOptions};
+use serde_json::{json, Value};
+use uuid::Uuid;
+
+fn assert_error(resp: &RawResponse, status: u16, code: &str) {
+    assert_eq!(resp.status, status, "body: {}", resp.text());
+    assert_eq!(resp.header("content-type"), Some("application/json"), "{}", resp.text());
+    let v: Value = resp.json().unwrap_or_else(|e| panic!("not JSON ({e}): {}", resp.text()));
+    assert_eq!(v["error"], code, "{v}");
+    assert!(v["message"].as_str().is_some_and(|m| !m.is_empty()), "{v}");
+    assert!(v["request_id"].is_string(), "{v}");
+}
+
+fn assert_401(resp: &RawResponse) {
+    assert_error(resp, 401, "invalid_token");
+    assert_eq!(resp.header("www-authenticate"), Some(r#"Bearer realm="infrabox-mcp""#));
+}
+
+async fn stack() -> Stack {
+    Stack::start(StackOptions::default()).await.expect("stack")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn token_from_the_api_authenticates_and_is_forwarded_without_client_credentials() {
+    let s = stack().await;
+    let (user, projects) = s.user_with_projects("alice", 1).await.unwrap();
+    let (token_id, token) = s.create_token(user, json!({}), 30).await.unwrap();
+    assert!(token.starts_with("ib_mcp_") && token.len() == 55);
+    assert!(token[7..].starts_with(&token_id));
+
+    let p = projects[0];
+    let resp = s
+        .wait_until_status(&token, &format!("/api/v1/mcp/projects/{p}"), 200)
+        .await;
+    let body = resp.json().unwrap();
+    assert_eq!(body["id"], p.to_string(), "{body}");
+
+    s.infrabox.clear();
+    let resp = s
+        .send(
+            RawRequest::get(&format!("/api/v1/mcp/projects/{p}"))
+                .header("Authorization", &format!("Bearer {token}"))
+                .header("Cookie", "token=eyJsession; other=1"),
+        )
+        .await
+        .unwrap();
+    assert_eq!(resp.status, 200, "{}", resp.text());
+    let seen = s.infrabox.requests();
+    assert_eq!(seen.len(), 1, "{seen:?}");
+    let r = &seen[0];
+    assert_eq!(r.method, "GET");
+    assert_eq!(r.path, format!("/api/v1/projects/{p}"));
+    let header = |n: &str| r.headers.iter().filter(|(k, _)| k.eq_ignore_ascii_case(n)).map(|(_, v)| v.clone()).collect::<Vec<_>>();
+    assert!(header("cookie").is_empty(), "cookie forwarded: {:?}", r.headers);
+    assert!(header("authorization").iter().all(|v| !v.contains("ib_mcp_")), "{:?}", r.headers);
+    assert!(r.headers.iter().all(|(_, v)| !v.contains(&token[7..])), "token forwarded: {:?}", r.headers);
+    assert_eq!(header("x-mcp-token-id"), vec![token_id]);
+    assert_eq!(header("x-mcp-user-id"), vec![user.to_string()]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn missing_malformed_unknown_revoked_and_expired_tokens_get_401() {
+    let s = stack().await;
+    let (user, projects) = s.user_with_projects("bob", 1).await.unwrap();
+    let path = format!("/api/v1/mcp/projects/{}", projects[0]);
+    let (_, good) = s.create_token(user, json!({}), 30).await.unwrap();
+    s.wait_until_status(&good, &path, 200).await;
+    s.infrabox.clear();
+
+    // missing
+    assert_401(&s.send(RawRequest::get(&path)).await.unwrap());
+    // malformed: wrong length, upper-case hex, non-hex, extra suffix
+    let hexpart = &good[7..];
+    for bad in [
+        good[..good.len() - 2].to_string(),
+        format!("ib_mcp_{}", hexpart.to_uppercase()),
+        format!("ib_mcp_{}zz", &hexpart[..46]),
+        format!("{good}00"),
+        format!("{good}-x"),
+    ] {
+        assert_401(&s.mcp_get(&bad, &path).await.unwrap());
+    }
+    // unknown (right shape, never issued)
+    let unknown = format!("ib_mcp_{}", "0123456789abcdef".repeat(3));
+    assert_401(&s.mcp_get(&unknown, &path).await.unwrap());
+
+    // revoked through the API
+    let (revoked_id, revoked) = s.create_token(user, json!({}), 30).await.unwrap();
+    s.wait_until_status(&revoked, &path, 200).await;
+    let del = s.token_api(user, "DELETE", &format!("/api/v1/mcp/tokens/{revoked_id}"), None).await.unwrap();
+    assert!(del.status == 200 || del.status == 204, "{}", del.text());
+    let r = s.wait_until_status(&revoked, &path, 401).await;
+    assert_401(&r);
+
+    // expired: valid in the snapshot, then expires by the filter's own clock
+    let (exp_id, expiring) = s.create_token(user, json!({}), 30).await.unwrap();
+    sqlx::query("UPDATE mcp_token SET expires_at = (now() AT TIME ZONE 'utc') + interval '3 seconds' WHERE token_id = $1")
+        .bind(&exp_id)
+        .execute(&s.db)
+        .await
+        .unwrap();
+    s.wait_until_status(&expiring, &path, 200).await;
+    tokio::time::sleep(Duration::from_millis(3500)).await;
+    assert_401(&s.mcp_get(&expiring, &path).await.unwrap());
+
+    let leaked: Vec<_> = s.infrabox.requests().into_iter().filter(|r| r.path != format!("/api/v1/projects/{}", projects[0])).collect();
+    assert!(leaked.is_empty(), "unexpected upstream requests: {leaked:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mcp_credentials_on_other_paths_get_403_and_never_reach_infrabox() {
+    let s = stack().await;
+    let (user, projects) = s.user_with_projects("carol", 1).await.unwrap();
+    let (_, token) = s.create_token(user, json!({}), 30).await.unwrap();
+    let path = format!("/api/v1/projects/{}", projects[0]);
+    let basic = base64::engine::general_purpose::STANDARD.encode(format!("infrabox:{token}"));
+    s.infrabox.clear();
+    let forms: Vec<(&str, String)> = vec![
+        ("Authorization", format!("Bearer {token}")),
+        ("Authorization", format!("bearer {token}")),
+        ("Authorization", format!("token {token}")),
+        ("Authorization", format!("Basic {basic}")),
+        ("Cookie", format!("token={token}")),
+    ];
+    for (name, value) in &forms {
+        for p in [path.clone(), format!("{path}/builds/"), "/api/v1/mcp/tokens".to_string()] {
+            let resp = s.send(RawRequest::get(&p).header(name, value)).await.unwrap();
+            assert_error(&resp, 403, "mcp_token_not_accepted");
+            assert!(!resp.text().contains(&token[7..]));
+        }
+    }
+    assert!(s.infrabox.requests().is_empty(), "forwarded: {:?}", s.infrabox.requests());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_without_mcp_credentials_pass_through_unchanged() {
+    let s = stack().await;
+    s.infrabox.clear();
+    let body = br#"{"branch_or_sha":"main","env":[{"name":"A","value":"b"}]}"#.to_vec();
+    let path = "/api/v1/projects/5b0e1a8c-9a51-4a86-9d8c-0c6a1b2c3d4e/trigger?x=1&y=%2F";
+    let resp = s
+        .send(
+            RawRequest::new("POST", path)
+                .header("Authorization", "Bearer eyJhbGciOiJSUzI1NiJ9.eyJ0eXBlIjoidXNlciJ9.c2ln")
+                .header("Cookie", "token=eyJhbGciOi; theme=dark")
+                .header("X-Custom-Thing", "kept as is")
+                .header("Content-Type", "application/json")
+                .body(body.clone()),
+        )
+        .await
+        .unwrap();
+    assert!(resp.status < 500, "{} {}", resp.status, resp.text());
+    let seen = s.infrabox.requests();
+    assert_eq!(seen.len(), 1, "{seen:?}");
+    let r = &seen[0];
+    assert_eq!(r.method, "POST");
+    assert_eq!(r.path, path);
+    assert_eq!(r.body, body);
+    let get = |n: &str| r.headers.iter().find(|(k, _)| k.eq_ignore_ascii_case(n)).map(|(_, v)| v.as_str());
+    assert_eq!(get("authorization"), Some("Bearer eyJhbGciOiJSUzI1NiJ9.eyJ0eXBlIjoidXNlciJ9.c2ln"));
+    assert_eq!(get("cookie"), Some("token=eyJhbGciOi; theme=dark"));
+    assert_eq!(get("x-custom-thing"), Some("kept as is"));
+    assert_eq!(get("content-type"), Some("application/json"));
+    assert!(get("x-mcp-token-id").is_none() && get("x-mcp-user-id").is_none());
+
+    // /internal is never routed.
+    s.infrabox.clear();
+    for p in ["/internal/api/projects/x/trigger", "/INTERNAL/api/job/consoleupdate", "/internal"] {
+        let resp = s.send(RawRequest::post(p).body("{}")).await.unwrap();
+        assert_eq!(resp.status, 404, "{p}");
+    }
+    assert!(s.infrabox.requests().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revocation_reaches_the_edge_within_two_seconds() {
+    let s = stack().await;
+    let (user, projects) = s.user_with_projects("dave", 1).await.unwrap();
+    let path = format!("/api/v1/mcp/projects/{}", projects[0]);
+    let mut delays = Vec::new();
+    for _ in 0..5 {
+        let (id, token) = s.create_token(user, json!({}), 30).await.unwrap();
+        s.wait_until_status(&token, &path, 200).await;
+        let start = Instant::now();
+        let del = s.token_api(user, "DELETE", &format!("/api/v1/mcp/tokens/{id}"), None).await.unwrap();
+        assert!(del.status < 300, "{}", del.text());
+        loop {
+            let r = s.mcp_get(&token, &path).await.unwrap();
+            if r.status == 401 {
+                break;
+            }
+            assert_eq!(r.status, 200);
+            assert!(start.elapsed() < Duration::from_secs(2), "revocation not enforced after {:?}", start.elapsed());
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        delays.push(start.elapsed());
+    }
+    delays.sort();
+    println!("revocation delay (API call to first 401 at the edge), 5 runs: {delays:?}");
+    assert!(delays[4] < Duration::from_secs(2));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn last_good_snapshot_survives_a_control_plane_outage() {
+    let mut s = Stack::start(StackOptions { snapshot_wait_seconds: 2, ..Default::default() }).await.unwrap();
+    let (user, projects) = s.user_with_projects("erin", 1).await.unwrap();
+    let path = format!("/api/v1/mcp/projects/{}", projects[0]);
+    let (_, token) = s.create_token(user, json!({}), 30).await.unwrap();
+    s.wait_until_status(&token, &path, 200).await;
+
+    s.control_plane.stop().unwrap();
+    let until = Instant::now() + Duration::from_secs(5);
+    let mut n = 0;
+    while Instant::now() < until {
+        let r = s.mcp_get(&token, &path).await.unwrap();
+        assert_eq!(r.status, 200, "request {n} during the outage: {}", r.text());
+        n += 1;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let errors = s.envoy.stat("wasmcustom.mcp_snapshot_errors").unwrap_or(0);
+    assert!(errors >= 1, "the filter should have noticed the outage");
+    s.control_plane.restart().unwrap();
+    let r = s.mcp_get(&token, &path).await.unwrap();
+    assert_eq!(r.status, 200);
+    // A change after the restart is picked up again.
+    let (_, token2) = s.create_token(user, json!({}), 30).await.unwrap();
+    s.wait_until_status(&token2, &path, 200).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_any_snapshot_mcp_paths_get_503_and_other_traffic_flows() {
+    let s = Stack::start(StackOptions { control_plane: false, ..Default::default() }).await.unwrap();
+    let token = format!("ib_mcp_{}", "ab".repeat(24));
+    let r = s.mcp_get(&token, "/api/v1/mcp/projects").await.unwrap();
+    assert_error(&r, 503, "policy_unavailable");
+    s.infrabox.clear();
+    let r = s.send(RawRequest::get("/api/v1/settings").header("Authorization", "Bearer eyJx")).await.unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(s.infrabox.requests().len(), 1);
+    // An MCP credential elsewhere is still refused without a snapshot.
+    let r = s.send(RawRequest::get("/api/v1/settings").header("Authorization", &format!("Bearer {token}"))).await.unwrap();
+    assert_error(&r, 403, "mcp_token_not_accepted");
+    assert_eq!(s.infrabox.requests().len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn token_api_refuses_bad_sessions_and_bad_requests() {
+    let s = stack().await;
+    let (user, projects) = s.user_with_projects("frank", 1).await.unwrap();
+    let (_, other_projects) = s.user_with_projects("grace", 1).await.unwrap();
+    let body = json!({"name": "agent", "enabled_projects": {}, "expires_days": 30});
+    let post = |auth: String| {
+        RawRequest::post("/api/v1/mcp/tokens").header("Authorization", &auth).json(&body)
+    };
+
+    // An MCP token as the session: refused at the edge and by the control plane.
+    let (_, mcp) = s.create_token(user, json!({}), 30).await.unwrap();
+    let r = s.send(post(format!("Bearer {mcp}"))).await.unwrap();
+    assert!(r.status == 401 || r.status == 403, "{}", r.text());
+    assert!(r.json().unwrap()["error"].is_string());
+    let direct = post(format!("Bearer {mcp}")).send(s.control_plane.http_addr(), Duration::from_secs(5)).await.unwrap();
+    assert_eq!(direct.status, 401, "{}", direct.text());
+    assert!(direct.json().unwrap()["error"].is_string());
+    assert!(!direct.text().contains(&mcp[7..]));
+
+    // A JWT signed by another key.
+    let other_key = SigningKey::generate(&fresh_dir("other-key")).unwrap();
+    let r = s.send(post(format!("Bearer {}", other_key.sign_user_session(user)))).await.unwrap();
+    assert_eq!(r.status, 401, "{}", r.text());
+    // A non-user JWT (a global token) and garbage.
+    let r = s.send(post(format!("Bearer {}", s.key.sign_global_token(Uuid::new_v4())))).await.unwrap();
+    assert_eq!(r.status, 401, "{}", r.text());
+    let r = s.send(post("Bearer not.a.jwt".into())).await.unwrap();
+    assert_eq!(r.status, 401, "{}", r.text());
+    // A user that does not exist.
+    let r = s.send(post(format!("Bearer {}", s.session(Uuid::new_v4())))).await.unwrap();
+    assert_eq!(r.status, 401, "{}", r.text());
+    // No session at all.
+    let r = s.send(RawRequest::post("/api/v1/mcp/tokens").json(&body)).await.unwrap();
+    assert_eq!(r.status, 401, "{}", r.text());
+    assert!(r.json().unwrap()["error"].is_string());
+
+    // The session cookie works as InfraBox's dashboard sends it.
+    let r = s
+        .send(RawRequest::get("/api/v1/mcp/tokens").header("Cookie", &format!("token={}", s.session(user))))
+        .await
+        .unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
+
+    // expires_days outside 1..=365, wrong types, malformed JSON.
+    for bad in [json!(0), json!(366), json!(-1), json!("30"), json!(1.5)] {
+        let r = s
+            .token_api(user, "POST", "/api/v1/mcp/tokens", Some(json!({"name": "x", "enabled_projects": {}, "expires_days": bad})))
+            .await
+            .unwrap();
+        assert_eq!(r.status, 400, "expires_days {bad}: {}", r.text());
+        assert!(r.json().unwrap()["error"].is_string());
+    }
+    let r = s
+        .send(
+            RawRequest::post("/api/v1/mcp/tokens")
+                .header("Authorization", &format!("Bearer {}", s.session(user)))
+                .header("Content-Type", "application/json")
+                .body("{not json"),
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.status, 400, "{}", r.text());
+    assert!(r.json().unwrap()["error"].is_string());
+
+    // A project the user does not collaborate on.
+    let r = s
+        .token_api(
+            user,
+            "POST",
+            "/api/v1/mcp/tokens",
+            Some(json!({"name": "x", "enabled_projects": {other_projects[0].to_string(): null}, "expires_days": 3})),
+        )
+        .await
+        .unwrap();
+    assert!(r.status == 400 || r.status == 403, "{}", r.text());
+    assert!(r.json().unwrap()["error"].is_string());
+    // ... while their own is fine.
+    let r = s
+        .token_api(
+            user,
+            "POST",
+            "/api/v1/mcp/tokens",
+            Some(json!({"name": "x", "enabled_projects": {projects[0].to_string(): null}, "expires_days": 3})),
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.status, 201, "{}", r.text());
+
+    // At most 20 live tokens: this user has 2 now.
+    for i in 2..20 {
+        let r = s.token_api(user, "POST", "/api/v1/mcp/tokens", Some(json!({"name": format!("t{i}"), "enabled_projects": {}, "expires_days": 1}))).await.unwrap();
+        assert_eq!(r.status, 201, "token {i}: {}", r.text());
+    }
+    let r = s.token_api(user, "POST", "/api/v1/mcp/tokens", Some(body.clone())).await.unwrap();
+    assert!(r.status == 400 || r.status == 409 || r.status == 429, "{}", r.text());
+    assert!(r.json().unwrap()["error"].is_string());
+    let list = s.token_api(user, "GET", "/api/v1/mcp/tokens", None).await.unwrap();
+    assert_eq!(list.status, 200);
+    assert!(!list.text().contains("ib_mcp_"), "the list must never carry secrets");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn token_secrets_never_reach_logs_or_the_database() {
+    let s = stack().await;
+    let (user, projects) = s.user_with_projects("heidi", 1).await.unwrap();
+    let path = format!("/api/v1/mcp/projects/{}", projects[0]);
+    let (id, token) = s.create_token(user, json!({}), 30).await.unwrap();
+    s.wait_until_status(&token, &path, 200).await;
+    s.mcp_get(&format!("{token}0"), &path).await.unwrap();
+    s.send(RawRequest::get("/api/v1/projects/").header("Authorization", &format!("bearer {token}"))).await.unwrap();
+    s.token_api(user, "DELETE", &format!("/api/v1/mcp/tokens/{id}"), None).await.unwrap();
+    s.wait_until_status(&token, &path, 401).await;
+
+    let secret = &token[7..];
+    let cp_log = s.control_plane.log_contents();
+    let envoy_log = s.envoy.log_contents();
+    assert!(!cp_log.is_empty() && !envoy_log.is_empty());
+    assert!(!cp_log.contains(secret), "control-plane log contains the secret");
+    assert!(!envoy_log.contains(secret), "envoy log contains the secret");
+    let pg_log = mcp_gateway_tests::postgres::PostgresServer::shared().log_contents();
+    assert!(!pg_log.contains(secret), "postgres log contains the secret");
+    let dump: Vec<(String,)> = sqlx::query_as(
+        "SELECT t::text FROM mcp_token t UNION ALL SELECT a::text FROM mcp_access_log a",
+    )
+    .fetch_all(&s.db)
+    .await
+    .unwrap();
+    assert!(!dump.is_empty());
+    for (row,) in &dump {
+        assert!(!row.contains(secret), "a database row contains the secret: {row}");
+    }
+    let hash: (String,) = sqlx::query_as("SELECT token_hash FROM mcp_token WHERE token_id = $1").bind(&id).fetch_one(&s.db).await.unwrap();
+    assert_eq!(hash.0, mcp_filter_core::token::hash_hex(&token));
+}
