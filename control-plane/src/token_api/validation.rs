@@ -185,7 +185,8 @@ mod tests {
             assert_eq!(e.code, "bad_request");
             assert!(e.message.contains(needle), "{body}: {}", e.message);
         }
-        assert_eq!(parse_create(&json!({"name": "a".repeat(128), "expires_days": "7"}), 365).unwrap().expires_days, 7);
+        assert_eq!(parse_create(&json!({"name": "a".repeat(128), "expires_days": 7}), 365).unwrap().expires_days, 7);
+        assert!(parse_create(&json!({"name": "x", "expires_days": "7"}), 365).is_err(), "strings are not integers");
         assert!(parse_create(&json!({"name": "x", "expires_days": 400}), 500).is_ok());
     }
 
