@@ -12,3 +12,17 @@ CREATE TABLE IF NOT EXISTS mcp_upstream_credential (
     write_expires_at timestamptz,
     updated_at       timestamptz NOT NULL DEFAULT now()
 );
+
+-- A credential change (minted, replaced, retired) changes the snapshot.
+CREATE OR REPLACE FUNCTION mcp_upstream_credential_notify() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM pg_notify('mcp_snapshot_changed', '');
+    RETURN NULL;
+END
+$$;
+
+DROP TRIGGER IF EXISTS mcp_upstream_credential_changed ON mcp_upstream_credential;
+CREATE TRIGGER mcp_upstream_credential_changed
+    AFTER INSERT OR UPDATE OR DELETE ON mcp_upstream_credential
+    FOR EACH ROW EXECUTE FUNCTION mcp_upstream_credential_notify();

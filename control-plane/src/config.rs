@@ -22,6 +22,12 @@ pub struct Config {
     pub scope_refresh: Duration,
     pub max_tokens_per_user: i64,
     pub max_expiry_days: i64,
+    /// InfraBox's API base URL (upstream credentials are minted there).
+    pub infrabox_url: String,
+    /// AES-256-GCM key of stored upstream credentials, and the previous
+    /// one during a key rotation. Never logged.
+    pub credential_key: [u8; 32],
+    pub credential_key_previous: Option<[u8; 32]>,
 }
 
 impl std::fmt::Debug for Config {
@@ -33,6 +39,7 @@ impl std::fmt::Debug for Config {
             .field("scope_refresh", &self.scope_refresh)
             .field("max_tokens_per_user", &self.max_tokens_per_user)
             .field("max_expiry_days", &self.max_expiry_days)
+            .field("infrabox_url", &self.infrabox_url)
             .finish_non_exhaustive()
     }
 }
@@ -87,6 +94,15 @@ impl Config {
         let scope_refresh = number(get("MCP_SCOPE_REFRESH_SECONDS"), "MCP_SCOPE_REFRESH_SECONDS", 30, 1, 86_400)?;
         let max_tokens_per_user = number(get("MCP_MAX_TOKENS_PER_USER"), "MCP_MAX_TOKENS_PER_USER", 20, 1, 10_000)?;
         let max_expiry_days = number(get("MCP_MAX_EXPIRY_DAYS"), "MCP_MAX_EXPIRY_DAYS", 365, 1, 3650)?;
+        let infrabox_url = get("INFRABOX_URL").ok_or_else(|| missing("INFRABOX_URL"))?;
+        let infrabox_url = infrabox_url.trim().trim_end_matches('/').to_string();
+        if !(infrabox_url.starts_with("http://") || infrabox_url.starts_with("https://")) || infrabox_url.contains(['?', '#', '@']) {
+            return Err(ConfigError("INFRABOX_URL must be an http:// or https:// base URL without credentials or query".into()));
+        }
+        let credential_key = key(get("MCP_CREDENTIAL_KEY"), get("MCP_CREDENTIAL_KEY_PATH"), "MCP_CREDENTIAL_KEY")?
+            .ok_or_else(|| missing("MCP_CREDENTIAL_KEY (or MCP_CREDENTIAL_KEY_PATH)"))?;
+        let credential_key_previous =
+            key(get("MCP_CREDENTIAL_KEY_PREVIOUS"), get("MCP_CREDENTIAL_KEY_PREVIOUS_PATH"), "MCP_CREDENTIAL_KEY_PREVIOUS")?;
         Ok(Self {
             database_url,
             http_addr,
@@ -97,8 +113,24 @@ impl Config {
             scope_refresh: Duration::from_secs(scope_refresh),
             max_tokens_per_user: max_tokens_per_user as i64,
             max_expiry_days: max_expiry_days as i64,
+            infrabox_url,
+            credential_key,
+            credential_key_previous,
         })
     }
+}
+
+/// A 32-byte key as 64 hex characters, inline or in a file.
+fn key(inline: Option<String>, path: Option<String>, var: &str) -> Result<Option<[u8; 32]>, ConfigError> {
+    let text = match (inline, path) {
+        (Some(v), _) => v,
+        (None, Some(p)) => std::fs::read_to_string(&p)
+            .map_err(|e| ConfigError(format!("{var}_PATH: cannot read the file: {}", e.kind())))?,
+        (None, None) => return Ok(None),
+    };
+    crate::credential::cipher::parse_key(&text)
+        .map(Some)
+        .ok_or_else(|| ConfigError(format!("{var} must be 64 hex characters (32 bytes)")))
 }
 
 fn missing(var: &str) -> ConfigError {
@@ -132,6 +164,8 @@ mod tests {
             ("DATABASE_URL", "postgres://u:pw@h/db".to_string()),
             ("MCP_SNAPSHOT_SECRET", "0123456789abcdef-secret".to_string()),
             ("INFRABOX_PUBLIC_KEY", "-----BEGIN PUBLIC KEY-----".to_string()),
+            ("INFRABOX_URL", "http://infrabox-api:8080/".to_string()),
+            ("MCP_CREDENTIAL_KEY", "0f".repeat(32)),
         ])
     }
 
@@ -148,6 +182,10 @@ mod tests {
         assert_eq!(c.max_tokens_per_user, 20);
         assert_eq!(c.max_expiry_days, 365);
         assert!(!format!("{c:?}").contains("secret"));
+        assert!(!format!("{c:?}").contains(&"0f".repeat(32)));
+        assert_eq!(c.infrabox_url, "http://infrabox-api:8080");
+        assert_eq!(c.credential_key, [0x0f; 32]);
+        assert_eq!(c.credential_key_previous, None);
     }
 
     #[test]
@@ -165,6 +203,16 @@ mod tests {
         let mut m = base();
         m.remove("INFRABOX_PUBLIC_KEY");
         assert!(load(&m).unwrap_err().0.contains("INFRABOX_PUBLIC_KEY"));
+        let mut m = base();
+        m.insert("MCP_CREDENTIAL_KEY", "0f".repeat(31));
+        let e = load(&m).unwrap_err().0;
+        assert!(e.contains("MCP_CREDENTIAL_KEY") && !e.contains(&"0f".repeat(31)));
+        let mut m = base();
+        m.remove("MCP_CREDENTIAL_KEY");
+        assert!(load(&m).unwrap_err().0.contains("MCP_CREDENTIAL_KEY"));
+        let mut m = base();
+        m.insert("INFRABOX_URL", "ftp://x".into());
+        assert!(load(&m).unwrap_err().0.contains("INFRABOX_URL"));
         let mut m = base();
         m.insert("MCP_HTTP_ADDR", "nope".into());
         assert!(load(&m).unwrap_err().0.contains("MCP_HTTP_ADDR"));

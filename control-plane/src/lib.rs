@@ -3,6 +3,7 @@
 //! migrations. See `server` for how the pieces are wired.
 
 pub mod config;
+pub mod credential;
 pub mod error;
 pub mod expiry;
 pub mod migrate;

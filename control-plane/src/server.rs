@@ -14,6 +14,9 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::config::Config;
+use crate::credential::cipher::CredentialCipher;
+use crate::credential::infrabox::InfraBoxClient;
+use crate::credential::upstream::UpstreamCredentials;
 use crate::session::SessionVerifier;
 use crate::snapshot::publisher::SnapshotPublisher;
 use crate::snapshot::serve::SnapshotService;
@@ -43,7 +46,11 @@ pub async fn run(config: Config, shutdown: watch::Receiver<bool>) -> Result<(), 
         .map_err(|e| StartupError(format!("database migration failed: {e}")))?;
     tracing::info!(?applied, "migrations up to date");
 
-    let (publisher, current) = SnapshotPublisher::new(pool.clone(), config.limits.clone());
+    let cipher = Arc::new(CredentialCipher::new(&config.credential_key, config.credential_key_previous.as_ref()));
+    let infrabox = InfraBoxClient::new(&config.infrabox_url, Duration::from_secs(10))
+        .map_err(|e| StartupError(format!("INFRABOX_URL: {e}")))?;
+    let credentials = UpstreamCredentials::new(pool.clone(), cipher.clone(), infrabox);
+    let (publisher, current) = SnapshotPublisher::new(pool.clone(), config.limits.clone(), cipher);
     if let Err(e) = publisher.rebuild().await {
         tracing::warn!(error = %e, "first snapshot build failed; retrying in the background");
     }
@@ -53,6 +60,7 @@ pub async fn run(config: Config, shutdown: watch::Receiver<bool>) -> Result<(), 
         store: TokenStore::new(pool.clone(), config.max_tokens_per_user),
         sessions: Arc::new(sessions),
         max_expiry_days: config.max_expiry_days,
+        credentials,
     };
     let public = with_common_layers(crate::token_api::router(api));
     let internal =

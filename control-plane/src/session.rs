@@ -16,9 +16,28 @@ use uuid::Uuid;
 use crate::error::ApiError;
 
 /// An authenticated InfraBox user (existence in `"user"` is checked by the caller).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Session {
     pub user_id: Uuid,
+    /// The verified JWT, to call InfraBox on the user's behalf (upstream
+    /// credentials). Never logged.
+    pub jwt: SessionJwt,
+}
+
+/// A verified session JWT; its `Debug` is redacted.
+#[derive(Clone, PartialEq, Eq, Default)]
+pub struct SessionJwt(String);
+
+impl SessionJwt {
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for SessionJwt {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SessionJwt(<redacted>)")
+    }
 }
 
 /// Verifies InfraBox session JWTs with InfraBox's public key.
@@ -68,7 +87,7 @@ impl SessionVerifier {
             return Err(invalid());
         }
         let id = data.claims.user.and_then(|u| u.id.as_str().and_then(|s| Uuid::parse_str(s).ok())).ok_or_else(invalid)?;
-        Ok(Session { user_id: id })
+        Ok(Session { user_id: id, jwt: SessionJwt(raw.to_string()) })
     }
 }
 
@@ -171,6 +190,8 @@ mod tests {
         assert_eq!(s.user_id.to_string(), id);
         let s = v.authenticate(&headers(&[("cookie", &format!("token={jwt}"))])).unwrap();
         assert_eq!(s.user_id.to_string(), id);
+        assert_eq!(s.jwt.expose(), jwt);
+        assert!(!format!("{s:?}").contains(&jwt), "Debug must not show the session");
         for bad in [
             sign(other, serde_json::json!({"user": {"id": id}, "type": "user"})),
             sign(good, serde_json::json!({"user": {"id": id}, "type": "global"})),

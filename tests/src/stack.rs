@@ -77,7 +77,15 @@ impl Stack {
             database_url: database_url.clone(),
             public_key_path: key.public_path().to_path_buf(),
             snapshot_secret: snapshot_secret.clone(),
-            env: opts.control_plane_env.clone(),
+            // Later entries win: a test's own environment overrides these.
+            env: [
+                vec![
+                    ("INFRABOX_URL".to_string(), infrabox.url()),
+                    ("MCP_CREDENTIAL_KEY".to_string(), random_key_hex()),
+                ],
+                opts.control_plane_env.clone(),
+            ]
+            .concat(),
         })?;
         if !opts.control_plane {
             control_plane.stop()?;
@@ -204,4 +212,12 @@ impl Stack {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
     }
+}
+
+/// A fresh 32-byte key as 64 hex characters (upstream-credential encryption).
+pub fn random_key_hex() -> String {
+    use rand::RngCore;
+    let mut key = [0u8; 32];
+    rand::thread_rng().fill_bytes(&mut key);
+    key.iter().map(|b| format!("{b:02x}")).collect()
 }

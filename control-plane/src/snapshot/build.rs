@@ -14,6 +14,9 @@ use sha2::{Digest, Sha256};
 use sqlx::{PgPool, Row};
 use uuid::Uuid;
 
+use crate::credential::cipher::CredentialCipher;
+use crate::credential::upstream::SealedCredential;
+use crate::credential::CredentialKind;
 use crate::expiry::parse_expiry;
 
 /// A live `mcp_token` row.
@@ -27,9 +30,17 @@ pub struct LiveToken {
     pub expires_at: NaiveDateTime,
 }
 
-/// Reads live tokens and their users' collaborator projects in one
-/// read-only, repeatable-read transaction.
-pub async fn load(pool: &PgPool) -> Result<(Vec<LiveToken>, HashMap<Uuid, HashSet<Uuid>>), sqlx::Error> {
+/// What a snapshot is built from.
+pub struct Loaded {
+    pub tokens: Vec<LiveToken>,
+    pub collaborators: HashMap<Uuid, HashSet<Uuid>>,
+    /// Encrypted upstream credentials of users with live tokens.
+    pub credentials: Vec<SealedCredential>,
+}
+
+/// Reads live tokens, their users' collaborator projects and upstream
+/// credentials in one read-only, repeatable-read transaction.
+pub async fn load(pool: &PgPool) -> Result<Loaded, sqlx::Error> {
     let mut tx = pool.begin().await?;
     sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY").execute(&mut *tx).await?;
     let live = "revoked_at IS NULL AND expires_at > (now() AT TIME ZONE 'utc')";
@@ -60,8 +71,29 @@ pub async fn load(pool: &PgPool) -> Result<(Vec<LiveToken>, HashMap<Uuid, HashSe
     for r in &rows {
         collab.entry(r.try_get("user_id")?).or_default().insert(r.try_get("project_id")?);
     }
+    let credentials = crate::credential::upstream::load_sealed(&mut tx).await?;
     tx.commit().await?;
-    Ok((tokens, collab))
+    Ok(Loaded { tokens, collaborators: collab, credentials })
+}
+
+/// Decrypts the credentials for the snapshot. One that does not decrypt is
+/// left out (the filter then answers 503 `upstream_credential_missing` for
+/// that user) and logged without its content.
+pub fn open_credentials(sealed: &[SealedCredential], cipher: &CredentialCipher) -> HashMap<Uuid, SnapshotUser> {
+    let mut users: HashMap<Uuid, SnapshotUser> = HashMap::new();
+    for c in sealed {
+        match cipher.decrypt(c.user_id, c.kind, &c.ciphertext) {
+            Ok(plain) => {
+                let u = users.entry(c.user_id).or_default();
+                match c.kind {
+                    CredentialKind::Read => u.read_credential = Some(plain),
+                    CredentialKind::Write => u.write_credential = Some(plain),
+                }
+            }
+            Err(e) => tracing::warn!(user = %c.user_id, kind = c.kind.as_str(), error = %e, "upstream credential left out of the snapshot"),
+        }
+    }
+    users
 }
 
 /// Effective projects of one token: `{}` → every collaborator project without
@@ -94,7 +126,13 @@ pub fn effective_projects(enabled: &Value, collab: Option<&HashSet<Uuid>>) -> BT
 }
 
 /// Assembles the snapshot (pure).
-pub fn assemble(tokens: &[LiveToken], collab: &HashMap<Uuid, HashSet<Uuid>>, limits: &Limits, generated_at: i64) -> Snapshot {
+pub fn assemble(
+    tokens: &[LiveToken],
+    collab: &HashMap<Uuid, HashSet<Uuid>>,
+    credentials: &HashMap<Uuid, SnapshotUser>,
+    limits: &Limits,
+    generated_at: i64,
+) -> Snapshot {
     let mut users = BTreeMap::new();
     let mut out = Vec::with_capacity(tokens.len());
     let mut hashes = HashSet::new();
@@ -106,7 +144,7 @@ pub fn assemble(tokens: &[LiveToken], collab: &HashMap<Uuid, HashSet<Uuid>>, lim
             continue;
         }
         let user_id = t.user_id.to_string();
-        users.entry(user_id.clone()).or_insert_with(SnapshotUser::default);
+        users.entry(user_id.clone()).or_insert_with(|| credentials.get(&t.user_id).cloned().unwrap_or_default());
         out.push(SnapshotToken {
             token_id: t.token_id.clone(),
             token_hash: t.token_hash.clone(),
@@ -181,8 +219,8 @@ mod tests {
     fn version_is_stable_and_content_sensitive() {
         let limits = Limits::default();
         let c = HashMap::from([(Uuid::parse_str(P3).unwrap(), collab())]);
-        let a = assemble(&[token("00000000000000bb"), token("00000000000000aa")], &c, &limits, 1);
-        let b = assemble(&[token("00000000000000aa"), token("00000000000000bb")], &c, &limits, 99);
+        let a = assemble(&[token("00000000000000bb"), token("00000000000000aa")], &c, &HashMap::new(), &limits, 1);
+        let b = assemble(&[token("00000000000000aa"), token("00000000000000bb")], &c, &HashMap::new(), &limits, 99);
         assert_eq!(a.version, b.version);
         assert_eq!(a.version.len(), 32);
         assert_eq!(a.tokens[0].token_id, "00000000000000aa");
@@ -190,18 +228,18 @@ mod tests {
         assert_eq!(a.tokens[0].expires_at, 2_000_000_000);
         let mut t = token("00000000000000aa");
         t.allow_trigger = true;
-        assert_ne!(assemble(&[t], &c, &limits, 1).version, a.version);
-        assert_ne!(assemble(&[token("00000000000000aa"), token("00000000000000bb")], &HashMap::new(), &limits, 1).version, a.version);
+        assert_ne!(assemble(&[t], &c, &HashMap::new(), &limits, 1).version, a.version);
+        assert_ne!(assemble(&[token("00000000000000aa"), token("00000000000000bb")], &HashMap::new(), &HashMap::new(), &limits, 1).version, a.version);
         // The filter accepts what we build.
         let json = serde_json::to_vec(&a).unwrap();
         let policy = mcp_filter_core::snapshot::Policy::from_json(&json).unwrap();
         assert_eq!(policy.token_count(), 2);
-        let empty = assemble(&[], &HashMap::new(), &limits, 5);
+        let empty = assemble(&[], &HashMap::new(), &HashMap::new(), &limits, 5);
         assert!(mcp_filter_core::snapshot::Policy::from_json(&serde_json::to_vec(&empty).unwrap()).is_ok());
         // Malformed or duplicate rows are left out.
         let mut bad = token("00000000000000cc");
         bad.token_hash = "XYZ".into();
-        let s = assemble(&[token("00000000000000aa"), token("00000000000000aa"), bad, token("zz")], &c, &limits, 1);
+        let s = assemble(&[token("00000000000000aa"), token("00000000000000aa"), bad, token("zz")], &c, &HashMap::new(), &limits, 1);
         assert_eq!(s.tokens.len(), 1);
     }
 }

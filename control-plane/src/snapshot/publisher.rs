@@ -14,6 +14,7 @@ use sqlx::PgPool;
 use tokio::sync::{watch, Notify};
 
 use super::build;
+use crate::credential::cipher::CredentialCipher;
 
 /// Postgres channel the `mcp_token` trigger notifies.
 pub const CHANNEL: &str = "mcp_snapshot_changed";
@@ -34,19 +35,27 @@ pub type Current = watch::Receiver<Option<Arc<Published>>>;
 pub struct SnapshotPublisher {
     pool: PgPool,
     limits: Limits,
+    cipher: Arc<CredentialCipher>,
     tx: watch::Sender<Option<Arc<Published>>>,
 }
 
 impl SnapshotPublisher {
-    pub fn new(pool: PgPool, limits: Limits) -> (Self, Current) {
+    pub fn new(pool: PgPool, limits: Limits, cipher: Arc<CredentialCipher>) -> (Self, Current) {
         let (tx, rx) = watch::channel(None);
-        (Self { pool, limits, tx }, rx)
+        (Self { pool, limits, cipher, tx }, rx)
     }
 
     /// Rebuilds from the database; publishes if the version changed.
     pub async fn rebuild(&self) -> Result<(), sqlx::Error> {
-        let (tokens, collab) = build::load(&self.pool).await?;
-        let snap = build::assemble(&tokens, &collab, &self.limits, chrono::Utc::now().timestamp());
+        let loaded = build::load(&self.pool).await?;
+        let credentials = build::open_credentials(&loaded.credentials, &self.cipher);
+        let snap = build::assemble(
+            &loaded.tokens,
+            &loaded.collaborators,
+            &credentials,
+            &self.limits,
+            chrono::Utc::now().timestamp(),
+        );
         let unchanged = self.tx.borrow().as_ref().is_some_and(|p| p.version == snap.version);
         if unchanged {
             tracing::debug!(version = %snap.version, "snapshot unchanged");

@@ -22,6 +22,8 @@ use axum::{Json, Router};
 use mcp_filter_core::token::{self, PREFIX, TOKEN_ID_LEN};
 use serde_json::{json, Value};
 
+use crate::credential::upstream::{CredentialError, UpstreamCredentials};
+use crate::credential::CredentialKind;
 use crate::error::{ApiError, RequestId};
 use crate::session::SessionVerifier;
 use store::{Actor, NewToken, StoreError, TokenChanges, TokenStore};
@@ -36,6 +38,7 @@ pub struct TokenApi {
     pub store: TokenStore,
     pub sessions: Arc<SessionVerifier>,
     pub max_expiry_days: i64,
+    pub credentials: UpstreamCredentials,
 }
 
 /// The routes, with JSON fallbacks for unknown paths and methods.
@@ -67,7 +70,7 @@ impl FromRequestParts<TokenApi> for Caller {
             return Err(ApiError::unauthorized("unknown_user", "the session's user does not exist in InfraBox"));
         }
         let request_id = parts.extensions.get::<RequestId>().map(|r| r.0.clone()).unwrap_or_default();
-        Ok(Caller(Actor { user_id: session.user_id, ip: client_ip(&parts.headers), request_id }))
+        Ok(Caller(Actor { user_id: session.user_id, session: session.jwt, ip: client_ip(&parts.headers), request_id }))
     }
 }
 
@@ -157,6 +160,46 @@ async fn check_projects(api: &TokenApi, actor: &Actor, projects: &EnabledProject
     Ok(())
 }
 
+fn credential_error(e: CredentialError) -> ApiError {
+    match e {
+        CredentialError::Db(e) => ApiError::database(e),
+        CredentialError::Cipher(e) => {
+            tracing::error!(error = %e, "upstream credential encryption failed");
+            ApiError::internal()
+        }
+        CredentialError::InfraBox(e) => {
+            tracing::warn!(error = %e, "upstream credential provisioning failed");
+            ApiError::new(
+                StatusCode::BAD_GATEWAY,
+                "upstream_unavailable",
+                format!("could not provision the InfraBox credential this token needs ({e}); nothing was changed, retry later"),
+            )
+        }
+    }
+}
+
+/// Before an action that makes a token live until `until`: the user's
+/// credentials of the needed kinds must last that long.
+async fn ensure_credentials(api: &TokenApi, actor: &Actor, until: chrono::DateTime<chrono::Utc>, write: bool) -> Result<(), ApiError> {
+    let kinds: &[CredentialKind] = if write { &CredentialKind::ALL } else { &[CredentialKind::Read] };
+    for kind in kinds {
+        api.credentials.ensure(actor.user_id, actor.session.expose(), *kind, until).await.map_err(credential_error)?;
+    }
+    Ok(())
+}
+
+/// After revoke or withdraw: credentials no live token needs are deleted in
+/// InfraBox. A failure is logged and retried by the user's next action.
+async fn retire_credentials(api: &TokenApi, actor: &Actor) {
+    if let Err(e) = api.credentials.retire_unneeded(actor.user_id, actor.session.expose()).await {
+        tracing::warn!(user_id = %actor.user_id, error = %e, "retiring upstream credentials failed; will retry");
+    }
+}
+
+fn days_from_now(days: i64) -> chrono::DateTime<chrono::Utc> {
+    chrono::Utc::now() + chrono::Duration::days(days)
+}
+
 fn no_store(mut res: Response) -> Response {
     res.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     res
@@ -178,6 +221,7 @@ async fn list_tokens(State(api): State<TokenApi>, Caller(actor): Caller) -> Resu
 async fn create_token(State(api): State<TokenApi>, Caller(actor): Caller, JsonBody(body): JsonBody) -> Result<Response, ApiError> {
     let req = parse_create(&body, api.max_expiry_days)?;
     check_projects(&api, &actor, &req.enabled_projects).await?;
+    ensure_credentials(&api, &actor, days_from_now(req.expires_days), false).await?;
     let mut random = [0u8; 24];
     getrandom::fill(&mut random).map_err(|e| {
         tracing::error!(error = %e, "OS random generator failed");
@@ -229,6 +273,10 @@ async fn update_token(
     if let Some(p) = &req.enabled_projects {
         check_projects(&api, &actor, p).await?;
     }
+    if let Some(days) = req.expires_days {
+        let current = api.store.get(actor.user_id, token_id).await?.ok_or_else(|| ApiError::not_found("no such token"))?;
+        ensure_credentials(&api, &actor, days_from_now(days), current.allow_trigger).await?;
+    }
     let enabled = req.enabled_projects.as_ref().map(EnabledProjects::to_json);
     let rec = api
         .store
@@ -246,6 +294,7 @@ async fn update_token(
 async fn revoke_token(State(api): State<TokenApi>, Caller(actor): Caller, Path(token_id): Path<String>) -> Result<Response, ApiError> {
     let token_id = checked_token_id(&token_id)?;
     api.store.revoke(&actor, token_id).await.map_err(|e| store_error(e, api.store.max_live_per_user()))?;
+    retire_credentials(&api, &actor).await;
     tracing::info!(user_id = %actor.user_id, token_id, "token revoked");
     Ok(ok_message("token revoked", None))
 }
@@ -260,11 +309,20 @@ async fn withdraw_trigger(State(api): State<TokenApi>, Caller(actor): Caller, Pa
 
 async fn set_trigger(api: TokenApi, actor: Actor, token_id: String, allow: bool) -> Result<Response, ApiError> {
     let token_id = checked_token_id(&token_id)?;
+    if allow {
+        let current = api.store.get(actor.user_id, token_id).await?.ok_or_else(|| ApiError::not_found("no such token"))?;
+        if current.expires_at.and_utc() > chrono::Utc::now() {
+            ensure_credentials(&api, &actor, current.expires_at.and_utc(), true).await?;
+        }
+    }
     let rec = api
         .store
         .set_trigger(&actor, token_id, allow)
         .await
         .map_err(|e| store_error(e, api.store.max_live_per_user()))?;
+    if !allow {
+        retire_credentials(&api, &actor).await;
+    }
     tracing::info!(user_id = %actor.user_id, token_id, allow_trigger = allow, "token trigger permission changed");
     let msg = if allow { "trigger permission granted" } else { "trigger permission revoked" };
     Ok(ok_message(msg, Some(rec.to_json())))

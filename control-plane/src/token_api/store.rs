@@ -85,6 +85,8 @@ impl TokenAction {
 #[derive(Debug, Clone)]
 pub struct Actor {
     pub user_id: Uuid,
+    /// The caller's session, to mint and retire upstream credentials.
+    pub session: crate::session::SessionJwt,
     pub ip: Option<String>,
     pub request_id: String,
 }

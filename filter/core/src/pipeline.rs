@@ -55,7 +55,8 @@ pub struct Admitted {
 pub struct Forward {
     pub method: String,
     pub path: String,
-    /// The user's upstream credential for the route's kind, if provisioned.
+    /// The user's upstream credential for the route's kind (always present:
+    /// [`authorize`] refuses with 503 when the user has none).
     pub credential: Option<String>,
     pub shaping: Shaping,
 }
@@ -156,10 +157,18 @@ pub fn authorize(admitted: &Admitted, policy: &Policy, routes: &RouteTable, now:
         Kind::Read => user.and_then(|u| u.read_credential.as_deref()),
         Kind::Write => user.and_then(|u| u.write_credential.as_deref()),
     };
+    // Never forward without the user's own credential: InfraBox would
+    // answer 401 and the agent could not tell why.
+    let Some(credential) = credential else {
+        return Err(Denial::new(
+            ErrorCode::UpstreamCredentialMissing,
+            "the gateway holds no InfraBox credential of this kind for the token's user yet; retry shortly",
+        ));
+    };
     Ok(Forward {
         method: route.upstream_method().to_string(),
         path: route.upstream_path(&admitted.params, admitted.query.as_deref()),
-        credential: credential.map(str::to_string),
+        credential: Some(credential.to_string()),
         shaping: route.shaping(),
     })
 }
@@ -260,6 +269,40 @@ mod tests {
         assert_eq!(f.method, "GET");
         assert_eq!(f.path, format!("/api/v1/projects/{PA}/builds/{B1}/restart"));
         assert_eq!(f.credential.as_deref(), Some("W"));
+    }
+
+    #[test]
+    fn no_credential_no_forward() {
+        // A user with a read credential only, and a token that may trigger.
+        let p = Policy::compile(Snapshot {
+            schema: SCHEMA,
+            version: "v2".into(),
+            generated_at: 0,
+            limits: Limits::default(),
+            tokens: vec![SnapshotToken {
+                token_id: tok(2)[7..23].to_string(),
+                token_hash: token::hash_hex(&tok(2)),
+                user_id: "u1".into(),
+                expires_at: 1_000,
+                allow_trigger: true,
+                projects: BTreeMap::from([(PA.into(), None)]),
+            }],
+            users: BTreeMap::from([("u1".into(), SnapshotUser { read_credential: Some("R".into()), write_credential: None })]),
+        })
+        .unwrap();
+        let routes = RouteTable::default();
+        let auth = format!("Bearer {}", tok(2));
+        let run = |method: &str, path: &str| {
+            let head = RequestHead { method, path, authorization: &[&auth], cookie: &[] };
+            match admit(&head, Some(&p), &routes, 10) {
+                Admission::Admitted(a) => authorize(&a, &p, &routes, 10),
+                other => panic!("not admitted: {other:?}"),
+            }
+        };
+        let d = run("POST", &format!("/api/v1/mcp/projects/{PA}/trigger")).unwrap_err();
+        assert_eq!(d.code, ErrorCode::UpstreamCredentialMissing);
+        assert_eq!(d.status(), 503);
+        assert_eq!(run("GET", &format!("/api/v1/mcp/projects/{PA}")).unwrap().credential.as_deref(), Some("R"));
     }
 
     #[test]

@@ -68,6 +68,7 @@ async fn main() -> Result<()> {
         env: vec![
             ("REDIS_URL".into(), redis.url()),
             ("INFRABOX_URL".into(), format!("http://{infrabox_host}:{infrabox_port}")),
+            ("MCP_CREDENTIAL_KEY".into(), mcp_gateway_tests::stack::random_key_hex()),
         ],
     })?;
     let port: u16 = std::env::var("MCP_GATEWAY_PORT").ok().and_then(|p| p.parse().ok()).unwrap_or(8080);
