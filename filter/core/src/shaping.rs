@@ -52,9 +52,42 @@ pub fn tail_excess(buffered: usize, max: u64) -> usize {
     buffered.saturating_sub(usize::try_from(max).unwrap_or(usize::MAX))
 }
 
+/// Streaming tail of a body of known length: how many bytes at the front of
+/// a chunk that starts `seen` bytes into the body fall before the last
+/// `max` bytes of a `total`-byte body (and are dropped). Nothing is
+/// buffered: memory stays flat whatever the console's size.
+pub fn tail_drop(total: u64, max: u64, seen: u64, chunk: usize) -> usize {
+    let skip = total.saturating_sub(max);
+    let before = skip.saturating_sub(seen);
+    usize::try_from(before).unwrap_or(usize::MAX).min(chunk)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    proptest::proptest! {
+        #[test]
+        fn streamed_chunks_keep_exactly_the_tail(
+            total in 0usize..5000,
+            max in 1u64..3000,
+            cuts in proptest::collection::vec(1usize..700, 0..20),
+        ) {
+            let body: Vec<u8> = (0..total).map(|i| (i % 251) as u8).collect();
+            let mut kept = Vec::new();
+            let mut seen = 0usize;
+            let mut cuts = cuts.into_iter();
+            while seen < total {
+                let size = cuts.next().unwrap_or(total - seen).min(total - seen);
+                let chunk = &body[seen..seen + size];
+                let drop = tail_drop(total as u64, max, seen as u64, chunk.len());
+                kept.extend_from_slice(&chunk[drop..]);
+                seen += size;
+            }
+            let want = &body[total.saturating_sub(max as usize)..];
+            proptest::prop_assert_eq!(&kept[..], want);
+        }
+    }
 
     #[test]
     fn keeps_only_projects_in_scope_byte_for_byte() {
