@@ -8,7 +8,7 @@ export ENVOY_VERSION
 export MCP_FILTER_WASM := $(CURDIR)/$(WASM)
 export MCP_CONTROL_PLANE_BIN := $(CURDIR)/target/debug/mcp-control-plane
 
-.PHONY: deps wasm build test test-unit test-e2e run lint clean
+.PHONY: deps wasm build test test-unit test-e2e run lint clean bench bench-smoke
 
 deps:
 	@bash scripts/install-deps.sh
@@ -28,6 +28,22 @@ lint:
 test: build
 	$(CARGO) test -p mcp-filter-core -p mcp-control-plane
 	$(CARGO) test -p mcp-gateway-tests -- --test-threads=4
+
+# DESIGN §14, measured in one run: writes bench/results.md and .json.
+# Optimized binaries throughout (the control plane's RLS and audit included).
+bench: wasm
+	@bash scripts/install-deps.sh bench
+	$(CARGO) build --profile perf -p mcp-control-plane -p mcp-gateway-tests --bins
+	$(CARGO) build --profile perf -p mcp-filter-core --example replay
+	MCP_CONTROL_PLANE_BIN=$(CURDIR)/target/perf/mcp-control-plane MCP_BENCH_PROFILE=perf \
+	  $(CURDIR)/target/perf/mcp-bench
+
+# A few seconds per case with debug binaries: keeps the benchmark code
+# working in CI; asserts only that every case produced numbers.
+bench-smoke: build
+	@bash scripts/install-deps.sh bench
+	$(CARGO) build -p mcp-filter-core --example replay
+	MCP_BENCH_PROFILE=debug $(CURDIR)/target/debug/mcp-bench --smoke
 
 run: build
 	$(CARGO) run -q -p mcp-gateway-tests --bin mcp-gateway-demo

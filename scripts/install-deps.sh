@@ -20,6 +20,11 @@ pg_bin=$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n1 || tru
 command -v redis-server >/dev/null || need_apt+=(redis-server)
 command -v openssl >/dev/null || need_apt+=(openssl)
 command -v python3 >/dev/null || need_apt+=(python3 python3-venv)
+# `install-deps.sh bench`: the load generator and the instruction counter too.
+if [ "${1:-}" = "bench" ]; then
+  command -v wrk >/dev/null || need_apt+=(wrk)
+  command -v valgrind >/dev/null || need_apt+=(valgrind)
+fi
 if [ ${#need_apt[@]} -gt 0 ]; then
   log "installing Debian packages: ${need_apt[*]}"
   SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"

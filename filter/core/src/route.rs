@@ -359,7 +359,9 @@ pub fn default_specs() -> Vec<RouteSpec> {
     use Class::{Artifact, Default, Log};
     use Kind::Read;
     const P: &str = "/api/v1/projects";
-    let mut rows: Vec<(String, &str, String, &str, String, Class, Kind, Shaping)> = vec![
+    /// (name, method, path, upstream method, upstream path, class, kind, shaping)
+    type Row = (String, &'static str, String, &'static str, String, Class, Kind, Shaping);
+    let mut rows: Vec<Row> = vec![
         ("projects.list".into(), "GET", "/projects".into(), "GET", format!("{P}/"), Default, Read, Shaping::ProjectList),
         ("projects.get".into(), "GET", "/projects/{project}".into(), "GET", format!("{P}/{{project}}"), Default, Read, Shaping::None),
         ("builds.list".into(), "GET", "/projects/{project}/builds".into(), "GET", format!("{P}/{{project}}/builds/"), Default, Read, Shaping::None),

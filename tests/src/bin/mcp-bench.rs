@@ -1,0 +1,446 @@
+//! `make bench` (and `make bench-smoke`): measures DESIGN §14 in one run on
+//! this machine and writes `bench/results.md` and `bench/results.json`.
+//!
+//! 1. Filter overhead: the project's Envoy configuration with and without
+//!    the filter (alternating runs, one worker, same fast upstream) for
+//!    non-MCP passthrough, locally denied MCP requests and allowed MCP
+//!    requests (rate limit and audit on).
+//! 2. Token-set scale: 100, 10 000 and 100 000 tokens in the snapshot.
+//! 3. Revocation latency while traffic flows.
+//! 4. Services: rate-limit decisions/s and audit rows/s (their own bench
+//!    binaries, when built).
+//! 5. Wasm size and the core's instructions per request (callgrind).
+//!
+//! `--smoke`: a few seconds per case; checks only that every case produced
+//! numbers, never a speed.
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use mcp_gateway_tests::bench::envoy_pair::{derive, read_config, BenchEnvoy, RenderedPorts};
+use mcp_gateway_tests::bench::load::{Load, LoadResult};
+use mcp_gateway_tests::bench::report::{all_measured, markdown, Row};
+use mcp_gateway_tests::bench::upstream;
+use mcp_gateway_tests::envoy::{repo_root, wasm_path};
+use mcp_gateway_tests::http::RawRequest;
+use mcp_gateway_tests::stack::{Stack, StackOptions};
+use serde_json::{json, Value};
+
+struct Settings {
+    smoke: bool,
+    duration: Duration,
+    rounds: usize,
+    connections: u32,
+    scales: Vec<u64>,
+    revocations: usize,
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() -> Result<()> {
+    let smoke = std::env::args().any(|a| a == "--smoke");
+    let s = if smoke {
+        Settings { smoke, duration: Duration::from_secs(1), rounds: 1, connections: 8, scales: vec![100, 1_000], revocations: 10 }
+    } else {
+        Settings { smoke, duration: Duration::from_secs(5), rounds: 3, connections: 8, scales: vec![100, 10_000, 100_000], revocations: 200 }
+    };
+    let out_dir = repo_root().join("bench");
+    std::fs::create_dir_all(&out_dir)?;
+    let started = Instant::now();
+
+    eprintln!("[bench] starting the stack (Postgres, Redis, control plane, Envoy)");
+    let env: Vec<(String, String)> = ["MCP_LIMIT_LOG", "MCP_LIMIT_ARTIFACT", "MCP_LIMIT_WRITE", "MCP_LIMIT_DEFAULT"]
+        .iter()
+        .map(|k| (k.to_string(), "1000000".to_string()))
+        .collect();
+    let stack = Stack::start(StackOptions { control_plane_env: env, snapshot_wait_seconds: 20, ..Default::default() }).await?;
+    let (user, projects) = stack.user_with_projects("bench", 1).await?;
+    let project = projects[0];
+    let (_, token) = stack.create_token(user, json!({}), 30).await?;
+    let mcp_path = format!("/api/v1/mcp/projects/{project}");
+    stack.wait_until_status(&token, &mcp_path, 200).await;
+
+    let fast = upstream::start().await?;
+    let config = read_config(stack.envoy.config_path())?;
+    let ports = RenderedPorts {
+        listen: stack.envoy.addr().port(),
+        admin: stack.envoy.admin_addr().port(),
+        upstream: stack.infrabox.addr().port(),
+    };
+    let (with_cfg, wl, wa) = derive(&config, &ports, fast.port(), true)?;
+    let (base_cfg, bl, ba) = derive(&config, &ports, fast.port(), false)?;
+    let filter = BenchEnvoy::start("bench-envoy-filter", &with_cfg, wl, wa)?;
+    let baseline = BenchEnvoy::start("bench-envoy-baseline", &base_cfg, bl, ba)?;
+    filter.wait_stat("wasmcustom.mcp_snapshot_tokens", Duration::from_secs(20), |n| n >= 1)?;
+    // The filter Envoy answers the MCP route once its snapshot is in.
+    wait_status(filter.listen, &mcp_path, &token, 200).await?;
+
+    let load = Load { connections: s.connections, duration: s.duration };
+    let bearer = format!("Bearer {token}");
+    let passthrough_path = format!("/api/v1/projects/{project}/builds/");
+    let jwt = "Bearer eyJhbGciOiJSUzI1NiJ9.eyJ0eXBlIjoidXNlciJ9.c2lnbmF0dXJl";
+    let malformed = format!("Bearer {}0", token);
+    let unknown = format!("Bearer ib_mcp_{}", "0123456789abcdef".repeat(3));
+
+    eprintln!("[bench] filter overhead ({} rounds of {:?}, alternating)", s.rounds, s.duration);
+    let passthrough = alternate(&load, s.rounds, &baseline, &filter, &passthrough_path, &[("authorization", jwt)], &[("authorization", jwt)])?;
+    let deny_malformed = alternate(&load, s.rounds, &baseline, &filter, &passthrough_path, &[("authorization", jwt)], &[("authorization", &malformed)])?;
+    let deny_unknown = alternate(&load, s.rounds, &baseline, &filter, &passthrough_path, &[("authorization", jwt)], &[("authorization", &unknown)])?;
+    // Allowed: the same MCP path through both (the baseline forwards it as is).
+    let allowed = alternate_paths(&load, s.rounds, (&baseline, &mcp_path, &[("authorization", &bearer)]), (&filter, &mcp_path, &[("authorization", &bearer)]))?;
+    for (name, (_, f)) in [("malformed-token deny", &deny_malformed), ("unknown-token deny", &deny_unknown)] {
+        if f.non_2xx < f.requests / 2 {
+            bail!("{name}: the filter did not deny ({} of {} non-2xx)", f.non_2xx, f.requests);
+        }
+    }
+    if allowed.1.non_2xx > 0 {
+        bail!("allowed MCP requests were refused ({} of {}): rate limit or policy interfered", allowed.1.non_2xx, allowed.1.requests);
+    }
+
+    eprintln!("[bench] token-set scale {:?}", s.scales);
+    let mut scale = Vec::new();
+    let mut inserted = 0u64;
+    for &n in &s.scales {
+        let bulk = n.saturating_sub(1);
+        if bulk > inserted {
+            insert_bulk_tokens(&stack, inserted, bulk).await?;
+            inserted = bulk;
+        }
+        let want = inserted + 1;
+        let t0 = Instant::now();
+        filter.wait_stat("wasmcustom.mcp_snapshot_tokens", Duration::from_secs(120), |v| v == want)?;
+        let visible_after = t0.elapsed();
+        let apply_ms = filter.stat("wasmcustom.mcp_snapshot_apply_ms").unwrap_or(0);
+        let memory = filter.stat("wasmcustom.mcp_vm_memory_bytes").unwrap_or(0);
+        let r = median(&(0..s.rounds).map(|_| load.run(filter.listen, &mcp_path, &[("authorization", &bearer)])).collect::<Result<Vec<_>>>()?);
+        eprintln!("[bench]   {want} tokens: apply {apply_ms} ms, VM memory {} MiB, {:.0} req/s", memory >> 20, r.requests_per_second);
+        scale.push(json!({
+            "tokens": want, "apply_ms": apply_ms, "vm_memory_bytes": memory,
+            "visible_after_ms": visible_after.as_millis() as u64,
+            "requests_per_second": r.requests_per_second, "p50_ms": r.p50_ms, "p99_ms": r.p99_ms,
+        }));
+    }
+
+    eprintln!("[bench] revocation latency ({} revocations while traffic flows)", s.revocations);
+    let revocation = revocations(&stack, &filter, &load, &bearer, &mcp_path, s.revocations).await?;
+
+    eprintln!("[bench] services and wasm");
+    let services = services(s.smoke)?;
+    let wasm_bytes = std::fs::metadata(wasm_path()).map(|m| m.len()).context("the built .wasm")?;
+    let instructions = instructions_per_request()?;
+
+    let ratio = |b: &LoadResult, f: &LoadResult| f.requests_per_second / b.requests_per_second;
+    let results = json!({
+        "machine": machine(),
+        "envoy_version": std::env::var("ENVOY_VERSION").unwrap_or_else(|_| "1.40.0".into()),
+        "smoke": s.smoke,
+        "settings": {"duration_ms": s.duration.as_millis() as u64, "rounds": s.rounds, "connections": s.connections, "envoy_workers": 1},
+        "overhead": {
+            "passthrough": pair_json(&passthrough, ratio(&passthrough.0, &passthrough.1)),
+            "deny_malformed_token": pair_json(&deny_malformed, ratio(&deny_malformed.0, &deny_malformed.1)),
+            "deny_unknown_token": pair_json(&deny_unknown, ratio(&deny_unknown.0, &deny_unknown.1)),
+            "allowed": {
+                "baseline": allowed.0, "filter": allowed.1,
+                "added_p50_ms": allowed.1.p50_ms - allowed.0.p50_ms,
+                "added_p99_ms": allowed.1.p99_ms - allowed.0.p99_ms,
+            },
+        },
+        "token_scale": scale,
+        "revocation": revocation,
+        "services": services,
+        "wasm_bytes": wasm_bytes,
+        "core_instructions_per_request": instructions,
+        "wall_seconds": started.elapsed().as_secs(),
+    });
+    all_measured(&results).map_err(anyhow::Error::msg)?;
+
+    let rows = table(&results);
+    let context = format!(
+        "Generated by `make bench{}` on {} with Envoy {} (one worker, `wrk -t1 -c{}`, {} rounds of {:?}, medians), everything on loopback. \
+         Ratios are against the same Envoy configuration without the filter, measured alternately in the same run.",
+        if s.smoke { "-smoke" } else { "" },
+        results["machine"].as_str().unwrap_or("?"),
+        results["envoy_version"].as_str().unwrap_or("?"),
+        s.connections,
+        s.rounds,
+        s.duration,
+    );
+    let suffix = if s.smoke { "-smoke" } else { "" };
+    std::fs::write(out_dir.join(format!("results{suffix}.json")), serde_json::to_string_pretty(&results)?)?;
+    std::fs::write(out_dir.join(format!("results{suffix}.md")), markdown("InfraBox MCP gateway — benchmark results", &context, &rows))?;
+    println!("{}", markdown("InfraBox MCP gateway — benchmark results", &context, &rows));
+    println!("bench: every case produced numbers ({} s)", started.elapsed().as_secs());
+    Ok(())
+}
+
+fn pair_json(p: &(LoadResult, LoadResult), ratio: f64) -> Value {
+    json!({"baseline": p.0, "filter": p.1, "throughput_ratio": ratio})
+}
+
+fn median(runs: &[LoadResult]) -> LoadResult {
+    let mut v = runs.to_vec();
+    v.sort_by(|a, b| a.requests_per_second.total_cmp(&b.requests_per_second));
+    let mut m = v[v.len() / 2];
+    let mut p50: Vec<f64> = runs.iter().map(|r| r.p50_ms).collect();
+    let mut p99: Vec<f64> = runs.iter().map(|r| r.p99_ms).collect();
+    p50.sort_by(f64::total_cmp);
+    p99.sort_by(f64::total_cmp);
+    m.p50_ms = p50[p50.len() / 2];
+    m.p99_ms = p99[p99.len() / 2];
+    m.non_2xx = runs.iter().map(|r| r.non_2xx).sum();
+    m.requests = runs.iter().map(|r| r.requests).sum();
+    m
+}
+
+/// Alternates baseline and filter runs on the same path; medians of each.
+fn alternate(
+    load: &Load,
+    rounds: usize,
+    baseline: &BenchEnvoy,
+    filter: &BenchEnvoy,
+    path: &str,
+    base_headers: &[(&str, &str)],
+    filter_headers: &[(&str, &str)],
+) -> Result<(LoadResult, LoadResult)> {
+    alternate_paths(load, rounds, (baseline, path, base_headers), (filter, path, filter_headers))
+}
+
+type Side<'a> = (&'a BenchEnvoy, &'a str, &'a [(&'a str, &'a str)]);
+
+fn alternate_paths(load: &Load, rounds: usize, base: Side<'_>, filt: Side<'_>) -> Result<(LoadResult, LoadResult)> {
+    // Warm both up first.
+    let warm = Load { connections: load.connections, duration: Duration::from_secs(1) };
+    warm.run(base.0.listen, base.1, base.2)?;
+    warm.run(filt.0.listen, filt.1, filt.2)?;
+    let (mut b, mut f) = (Vec::new(), Vec::new());
+    for _ in 0..rounds {
+        b.push(load.run(base.0.listen, base.1, base.2)?);
+        f.push(load.run(filt.0.listen, filt.1, filt.2)?);
+    }
+    Ok((median(&b), median(&f)))
+}
+
+async fn wait_status(addr: std::net::SocketAddr, path: &str, token: &str, status: u16) -> Result<Duration> {
+    let start = Instant::now();
+    loop {
+        let r = RawRequest::get(path).header("Authorization", &format!("Bearer {token}")).send(addr, Duration::from_secs(5)).await?;
+        if r.status == status {
+            return Ok(start.elapsed());
+        }
+        if start.elapsed() > Duration::from_secs(10) {
+            bail!("{path} still answers {} instead of {status}", r.status);
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
+
+/// Inserts bulk tokens `from+1..=to` (20 per user, users created as needed)
+/// straight into the database, as an installation with many tokens has them.
+async fn insert_bulk_tokens(stack: &Stack, from: u64, to: u64) -> Result<()> {
+    let (from, to) = (from as i64 + 1, to as i64);
+    sqlx::query(
+        r#"INSERT INTO "user" (id, username, email)
+           SELECT md5('benchuser' || u)::uuid, 'bench-' || u, 'bench-' || u || '@bench.test'
+           FROM generate_series($1 / 20, $2 / 20) u ON CONFLICT DO NOTHING"#,
+    )
+    .bind(from)
+    .bind(to)
+    .execute(&stack.db)
+    .await?;
+    sqlx::query(
+        "INSERT INTO mcp_token (token_id, token_hash, user_id, name, enabled_projects, expires_at)
+         SELECT substr(t, 8, 16), encode(sha256(convert_to(t, 'UTF8')), 'hex'), md5('benchuser' || (g / 20))::uuid,
+                'bench', '{}'::jsonb, (now() AT TIME ZONE 'utc') + interval '30 days'
+         FROM (SELECT g, 'ib_mcp_' || md5('bench' || g) || substr(md5('x' || g), 1, 16) AS t
+               FROM generate_series($1, $2) g) s",
+    )
+    .bind(from)
+    .bind(to)
+    .execute(&stack.db)
+    .await
+    .context("inserting bulk tokens")?;
+    Ok(())
+}
+
+/// Revokes `count` tokens through the API while `wrk` keeps the filter busy;
+/// for each, the time from the API call to the first 401 at the edge.
+async fn revocations(stack: &Stack, filter: &BenchEnvoy, load: &Load, bearer: &str, busy_path: &str, count: usize) -> Result<Value> {
+    let mut tokens = Vec::new();
+    while tokens.len() < count {
+        let (user, projects) = stack.user_with_projects("revoker", 1).await?;
+        for _ in 0..20.min(count - tokens.len()) {
+            let (id, secret) = stack.create_token(user, json!({}), 30).await?;
+            tokens.push((user, id, secret, projects[0]));
+        }
+    }
+    let background = {
+        let busy = Load { connections: 4, duration: load.duration.max(Duration::from_secs(2)) * 40 };
+        let (addr, path, bearer) = (filter.listen, busy_path.to_string(), bearer.to_string());
+        std::thread::spawn(move || busy.run(addr, &path, &[("authorization", &bearer)]))
+    };
+    let mut delays = Vec::with_capacity(count);
+    for (user, id, secret, project) in &tokens {
+        let path = format!("/api/v1/mcp/projects/{project}");
+        wait_status(filter.listen, &path, secret, 200).await?;
+        let t0 = Instant::now();
+        let r = RawRequest::new("DELETE", &format!("/api/v1/mcp/tokens/{id}"))
+            .header("Authorization", &format!("Bearer {}", stack.session(*user)))
+            .send(filter.listen, Duration::from_secs(10))
+            .await?;
+        if r.status >= 300 {
+            bail!("revocation answered {}", r.status);
+        }
+        wait_status(filter.listen, &path, secret, 401).await?;
+        delays.push(t0.elapsed().as_secs_f64() * 1000.0);
+    }
+    drop(background);
+    delays.sort_by(f64::total_cmp);
+    let pct = |p: f64| delays[((delays.len() as f64 - 1.0) * p).round() as usize];
+    Ok(json!({"revocations": count, "p50_ms": pct(0.5), "p99_ms": pct(0.99), "max_ms": pct(1.0)}))
+}
+
+/// Runs the services' own bench binaries (built next to this one).
+fn services(smoke: bool) -> Result<Value> {
+    let mut out = serde_json::Map::new();
+    for (name, bin) in [("ratelimit", "rls-bench"), ("audit", "audit-bench")] {
+        let path = std::env::current_exe()?.with_file_name(bin);
+        if !path.exists() {
+            bail!("{} is missing: build it with `cargo build -p mcp-gateway-tests --bins`", path.display());
+        }
+        let mut cmd = Command::new(&path);
+        if smoke {
+            cmd.arg("--smoke");
+        }
+        cmd.arg("--json");
+        let o = cmd.output().with_context(|| format!("running {bin}"))?;
+        if !o.status.success() {
+            bail!("{bin} failed: {}", String::from_utf8_lossy(&o.stderr));
+        }
+        let text = String::from_utf8_lossy(&o.stdout);
+        let last = text.lines().rev().find(|l| l.trim_start().starts_with('{')).context("no JSON line")?;
+        out.insert(name.into(), serde_json::from_str(last).with_context(|| format!("{bin} output"))?);
+    }
+    Ok(Value::Object(out))
+}
+
+/// The core pipeline's instructions per request under callgrind: two runs
+/// per case that differ only in the number of requests.
+fn instructions_per_request() -> Result<Value> {
+    let profile = std::env::var("MCP_BENCH_PROFILE").unwrap_or_else(|_| "release".into());
+    let replay = repo_root().join(format!("target/{profile}/examples/replay"));
+    if !replay.exists() {
+        bail!("{} is missing: cargo build --profile {profile} -p mcp-filter-core --example replay", replay.display());
+    }
+    let (small, large) = (200u64, 2_200u64);
+    let mut out = serde_json::Map::new();
+    for case in ["allowed", "unknown-token", "bad-token", "passthrough", "blocked"] {
+        let ir = |n: u64| -> Result<u64> {
+            let o = Command::new("valgrind")
+                .args(["--tool=callgrind", "--callgrind-out-file=/dev/null"])
+                .arg(&replay)
+                .args([case, &n.to_string(), "1000"])
+                .output()
+                .context("running valgrind (apt-get install valgrind)")?;
+            let err = String::from_utf8_lossy(&o.stderr);
+            err.lines()
+                .find_map(|l| l.split("Collected :").nth(1))
+                .and_then(|v| v.trim().replace(',', "").parse().ok())
+                .with_context(|| format!("no callgrind total for {case}: {err}"))
+        };
+        let per = (ir(large)?.saturating_sub(ir(small)?)) / (large - small);
+        out.insert(case.into(), json!(per));
+    }
+    Ok(Value::Object(out))
+}
+
+fn machine() -> String {
+    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0);
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| c.lines().find(|l| l.starts_with("model name")).and_then(|l| l.split(':').nth(1)).map(|s| s.trim().to_string()))
+        .unwrap_or_else(|| "unknown CPU".into());
+    format!("{cores} cores, {cpu}")
+}
+
+fn table(r: &Value) -> Vec<Row> {
+    let f = |v: &Value| v.as_f64().unwrap_or(f64::NAN);
+    let o = &r["overhead"];
+    let mut rows = Vec::new();
+    let pair = |name: &str, key: &str, target: f64| {
+        let x = &o[key];
+        let ratio = f(&x["throughput_ratio"]);
+        Row::new(
+            name,
+            format!(
+                "{:.2}× ({:.0} vs {:.0} req/s; p50 {:.3} vs {:.3} ms)",
+                ratio,
+                f(&x["filter"]["requests_per_second"]),
+                f(&x["baseline"]["requests_per_second"]),
+                f(&x["filter"]["p50_ms"]),
+                f(&x["baseline"]["p50_ms"])
+            ),
+            &format!("≥ {target:.2}×"),
+            Some(ratio >= target),
+        )
+    };
+    rows.push(pair("non-MCP passthrough", "passthrough", 0.90));
+    rows.push(pair("MCP denied locally: malformed token", "deny_malformed_token", 0.80));
+    rows.push(pair("MCP denied locally: unknown token", "deny_unknown_token", 0.80));
+    let a = &o["allowed"];
+    rows.push(Row::new(
+        "allowed MCP request: added p50",
+        format!("{:.3} ms ({:.3} vs {:.3})", f(&a["added_p50_ms"]), f(&a["filter"]["p50_ms"]), f(&a["baseline"]["p50_ms"])),
+        "≤ 0.25 ms",
+        Some(f(&a["added_p50_ms"]) <= 0.25),
+    ));
+    rows.push(Row::new(
+        "allowed MCP request: added p99",
+        format!("{:.3} ms ({:.3} vs {:.3})", f(&a["added_p99_ms"]), f(&a["filter"]["p99_ms"]), f(&a["baseline"]["p99_ms"])),
+        "≤ 1 ms",
+        Some(f(&a["added_p99_ms"]) <= 1.0),
+    ));
+    if let Some(scale) = r["token_scale"].as_array() {
+        let first = scale.first().map(|s| f(&s["requests_per_second"])).unwrap_or(f64::NAN);
+        for s in scale {
+            let n = s["tokens"].as_u64().unwrap_or(0);
+            let mem = f(&s["vm_memory_bytes"]) / (1 << 20) as f64;
+            rows.push(Row::new(
+                &format!("{n} tokens: snapshot apply"),
+                format!("{:.0} ms", f(&s["apply_ms"])),
+                "≤ 200 ms (100 000)",
+                (n >= 100_000).then(|| f(&s["apply_ms"]) <= 200.0),
+            ));
+            rows.push(Row::new(
+                &format!("{n} tokens: VM linear memory"),
+                format!("{mem:.1} MiB"),
+                "≤ 32 MiB (100 000)",
+                (n >= 100_000).then_some(mem <= 32.0),
+            ));
+            let rel = f(&s["requests_per_second"]) / first;
+            rows.push(Row::new(
+                &format!("{n} tokens: authenticated requests"),
+                format!("{:.0} req/s ({rel:.2}× of the smallest set), p50 {:.3} ms", f(&s["requests_per_second"]), f(&s["p50_ms"])),
+                "flat",
+                (n >= 100_000).then_some(rel >= 0.9),
+            ));
+        }
+    }
+    let rv = &r["revocation"];
+    rows.push(Row::new(
+        "revocation visible at the edge",
+        format!("p50 {:.0} ms, p99 {:.0} ms ({} revocations)", f(&rv["p50_ms"]), f(&rv["p99_ms"]), rv["revocations"]),
+        "p99 ≤ 1 s",
+        Some(f(&rv["p99_ms"]) <= 1000.0),
+    ));
+    let sv = &r["services"];
+    let rls = f(&sv["ratelimit"]["decisions_per_second"]);
+    rows.push(Row::new("rate-limit decisions/s (real Redis)", format!("{rls:.0}"), "≥ 20 000", Some(rls >= 20_000.0)));
+    let audit = f(&sv["audit"]["rows_per_second"]);
+    rows.push(Row::new("audit rows/s (real Postgres)", format!("{audit:.0}"), "≥ 20 000", Some(audit >= 20_000.0)));
+    rows.push(Row::new("mcp_filter.wasm size", format!("{} bytes", r["wasm_bytes"]), "", None));
+    if let Some(ins) = r["core_instructions_per_request"].as_object() {
+        let text = ins.iter().map(|(k, v)| format!("{k} {v}")).collect::<Vec<_>>().join(", ");
+        rows.push(Row::new("core instructions per request (callgrind, 1 000 tokens)", text, "", None));
+    }
+    rows
+}
