@@ -15,6 +15,12 @@ pub struct Config {
     pub database_url: String,
     pub http_addr: SocketAddr,
     pub internal_addr: SocketAddr,
+    /// gRPC listener: the rate-limit service (and other Envoy services).
+    pub grpc_addr: SocketAddr,
+    /// Redis of the rate-limit windows. Never logged (may hold a password).
+    pub redis_url: String,
+    /// Longest one rate-limit decision may wait for Redis.
+    pub redis_timeout: Duration,
     pub snapshot_secret: String,
     /// InfraBox's RSA public key (PEM), verifies session JWTs.
     pub infrabox_public_key_pem: Vec<u8>,
@@ -28,6 +34,8 @@ pub struct Config {
     /// one during a key rotation. Never logged.
     pub credential_key: [u8; 32],
     pub credential_key_previous: Option<[u8; 32]>,
+    /// The audit sink: queue, batches, gap detection, retention.
+    pub audit: crate::audit::AuditConfig,
 }
 
 impl std::fmt::Debug for Config {
@@ -35,11 +43,14 @@ impl std::fmt::Debug for Config {
         f.debug_struct("Config")
             .field("http_addr", &self.http_addr)
             .field("internal_addr", &self.internal_addr)
+            .field("grpc_addr", &self.grpc_addr)
+            .field("redis_timeout", &self.redis_timeout)
             .field("limits", &self.limits)
             .field("scope_refresh", &self.scope_refresh)
             .field("max_tokens_per_user", &self.max_tokens_per_user)
             .field("max_expiry_days", &self.max_expiry_days)
             .field("infrabox_url", &self.infrabox_url)
+            .field("audit", &self.audit)
             .finish_non_exhaustive()
     }
 }
@@ -68,6 +79,12 @@ impl Config {
         let database_url = get("DATABASE_URL").ok_or_else(|| missing("DATABASE_URL"))?;
         let http_addr = addr(get("MCP_HTTP_ADDR"), "MCP_HTTP_ADDR", "127.0.0.1:9000")?;
         let internal_addr = addr(get("MCP_INTERNAL_ADDR"), "MCP_INTERNAL_ADDR", "127.0.0.1:9001")?;
+        let grpc_addr = addr(get("MCP_GRPC_ADDR"), "MCP_GRPC_ADDR", "127.0.0.1:9002")?;
+        let redis_url = get("REDIS_URL").unwrap_or_else(|| "redis://127.0.0.1:6379/".into()).trim().to_string();
+        if !["redis://", "rediss://", "redis+unix://", "unix://"].iter().any(|s| redis_url.starts_with(s)) {
+            return Err(ConfigError("REDIS_URL must be a redis://, rediss:// or unix:// URL".into()));
+        }
+        let redis_timeout = number(get("MCP_REDIS_TIMEOUT_MS"), "MCP_REDIS_TIMEOUT_MS", 250, 1, 60_000)?;
         let snapshot_secret = get("MCP_SNAPSHOT_SECRET").ok_or_else(|| missing("MCP_SNAPSHOT_SECRET"))?;
         if snapshot_secret.chars().count() < 16 {
             return Err(ConfigError("MCP_SNAPSHOT_SECRET must be at least 16 characters".into()));
@@ -107,6 +124,9 @@ impl Config {
             database_url,
             http_addr,
             internal_addr,
+            grpc_addr,
+            redis_url,
+            redis_timeout: Duration::from_millis(redis_timeout),
             snapshot_secret,
             infrabox_public_key_pem,
             limits: Limits { window_seconds: window_seconds as u32, classes },
@@ -116,6 +136,7 @@ impl Config {
             infrabox_url,
             credential_key,
             credential_key_previous,
+            audit: crate::audit::AuditConfig::from_lookup(get)?,
         })
     }
 }
@@ -178,6 +199,9 @@ mod tests {
         let c = load(&base()).unwrap();
         assert_eq!(c.http_addr.to_string(), "127.0.0.1:9000");
         assert_eq!(c.internal_addr.to_string(), "127.0.0.1:9001");
+        assert_eq!(c.grpc_addr.to_string(), "127.0.0.1:9002");
+        assert_eq!(c.redis_url, "redis://127.0.0.1:6379/");
+        assert_eq!(c.redis_timeout, Duration::from_millis(250));
         assert_eq!(c.limits, Limits::default());
         assert_eq!(c.max_tokens_per_user, 20);
         assert_eq!(c.max_expiry_days, 365);
@@ -186,6 +210,20 @@ mod tests {
         assert_eq!(c.infrabox_url, "http://infrabox-api:8080");
         assert_eq!(c.credential_key, [0x0f; 32]);
         assert_eq!(c.credential_key_previous, None);
+    }
+
+    #[test]
+    fn redis_url_is_checked_and_never_shown() {
+        let mut m = base();
+        m.insert("REDIS_URL", "redis://:hunter2-pw@cache:6379/0".into());
+        let c = load(&m).unwrap();
+        assert!(!format!("{c:?}").contains("hunter2"));
+        m.insert("REDIS_URL", "http://:hunter2-pw@cache".into());
+        let e = load(&m).unwrap_err().0;
+        assert!(e.contains("REDIS_URL") && !e.contains("hunter2"), "{e}");
+        m.insert("REDIS_URL", "redis://cache".into());
+        m.insert("MCP_GRPC_ADDR", "nope".into());
+        assert!(load(&m).unwrap_err().0.contains("MCP_GRPC_ADDR"));
     }
 
     #[test]

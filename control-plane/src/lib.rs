@@ -2,11 +2,13 @@
 //! token API, the policy snapshot the Envoy filter pulls, and the schema
 //! migrations. See `server` for how the pieces are wired.
 
+pub mod audit;
 pub mod config;
 pub mod credential;
 pub mod error;
 pub mod expiry;
 pub mod migrate;
+pub mod ratelimit;
 pub mod server;
 pub mod session;
 pub mod snapshot;

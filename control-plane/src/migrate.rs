@@ -11,6 +11,7 @@ use sqlx::{PgPool, Row};
 pub const MIGRATIONS: &[(i32, &str, &str)] = &[
     (1, "0001_mcp_tables", include_str!("../../migrations/0001_mcp_tables.sql")),
     (2, "0002_upstream_credentials", include_str!("../../migrations/0002_upstream_credentials.sql")),
+    (3, "0003_audit", include_str!("../../migrations/0003_audit.sql")),
 ];
 
 /// Advisory lock key: "mcpmigr" in ASCII.

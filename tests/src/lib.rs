@@ -3,6 +3,7 @@
 //! ports, InfraBox session/global-token signing, InfraBox's own tables, a
 //! fake InfraBox upstream and a raw HTTP/1.1 client for attack tests.
 
+pub mod bench;
 pub mod fake_infrabox;
 pub mod http;
 pub mod infrabox_db;
@@ -13,5 +14,6 @@ pub mod redis;
 pub mod scratch;
 pub mod session;
 pub mod control_plane;
+pub mod container;
 pub mod envoy;
 pub mod stack;

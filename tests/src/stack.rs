@@ -12,11 +12,13 @@ use sqlx::PgPool;
 use uuid::Uuid;
 
 use crate::control_plane::{ControlPlane, ControlPlaneOptions};
-use crate::envoy::{Envoy, EnvoyOptions};
+use crate::container::Runtime;
+use crate::envoy::{Envoy, EnvoyOptions, RlsTarget};
 use crate::fake_infrabox::{FakeInfraBox, FakeInfraBoxConfig};
 use crate::http::{RawRequest, RawResponse};
 use crate::infrabox_db;
 use crate::postgres::PostgresServer;
+use crate::redis::RedisServer;
 use crate::session::SigningKey;
 
 /// What differs between stacks.
@@ -33,6 +35,10 @@ pub struct StackOptions {
     pub control_plane_env: Vec<(String, String)>,
     /// Extra plugin-configuration fields.
     pub plugin: Value,
+    /// Where Envoy's rate-limit cluster points.
+    pub rls_target: RlsTarget,
+    /// Where Envoy runs; `None`: as `MCP_E2E_RUNTIME` selects.
+    pub envoy_runtime: Option<Runtime>,
 }
 
 impl Default for StackOptions {
@@ -44,6 +50,8 @@ impl Default for StackOptions {
             snapshot_wait_seconds: 20,
             control_plane_env: Vec::new(),
             plugin: json!({}),
+            rls_target: RlsTarget::ControlPlane,
+            envoy_runtime: None,
         }
     }
 }
@@ -56,6 +64,8 @@ pub struct Stack {
     pub infrabox: FakeInfraBox,
     pub control_plane: ControlPlane,
     pub envoy: Envoy,
+    /// How `envoy` was started (to start another Envoy like it).
+    pub envoy_options: EnvoyOptions,
 }
 
 impl Stack {
@@ -80,6 +90,14 @@ impl Stack {
             // Later entries win: a test's own environment overrides these.
             env: [
                 vec![
+                    // Keys are per user (unique per test): one Redis serves all.
+                    ("REDIS_URL".to_string(), RedisServer::shared().url()),
+                    // Budgets no functional test runs into; the rate-limit
+                    // suite (tests/ratelimit.rs) sets the limits it tests.
+                    ("MCP_LIMIT_LOG".to_string(), "10000".to_string()),
+                    ("MCP_LIMIT_ARTIFACT".to_string(), "10000".to_string()),
+                    ("MCP_LIMIT_WRITE".to_string(), "10000".to_string()),
+                    ("MCP_LIMIT_DEFAULT".to_string(), "10000".to_string()),
                     ("INFRABOX_URL".to_string(), infrabox.url()),
                     ("MCP_CREDENTIAL_KEY".to_string(), random_key_hex()),
                 ],
@@ -97,22 +115,25 @@ impl Stack {
         if let (Some(p), Some(extra)) = (plugin.as_object_mut(), opts.plugin.as_object()) {
             p.extend(extra.clone());
         }
-        let envoy = Envoy::start(&EnvoyOptions {
+        let envoy_options = EnvoyOptions {
             node_id: format!("test-{}", Uuid::new_v4().simple()),
             infrabox_host: "127.0.0.1".into(),
             infrabox_port: infrabox.addr().port(),
             cp_http_port: control_plane.http_port(),
             cp_internal_port: control_plane.internal_port(),
+            cp_grpc_port: control_plane.grpc_port(),
+            rls_target: opts.rls_target,
             plugin_config: plugin,
             listen_port: None,
             concurrency: opts.envoy_concurrency,
-        })?;
+        };
+        let envoy = Envoy::start_in(&envoy_options, opts.envoy_runtime.unwrap_or_else(Runtime::selected))?;
         if opts.control_plane {
             envoy
                 .wait_stat("wasmcustom.mcp_snapshot_updates", u64::from(opts.envoy_concurrency), Duration::from_secs(20))
                 .context("waiting for the first snapshot")?;
         }
-        Ok(Self { db, database_url, key, snapshot_secret, infrabox, control_plane, envoy })
+        Ok(Self { db, database_url, key, snapshot_secret, infrabox, control_plane, envoy, envoy_options })
     }
 
     /// The ingress.

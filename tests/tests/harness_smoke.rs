@@ -183,7 +183,7 @@ async fn fake_infrabox_enforces_collaborators_and_scope_push() {
     // Every request was recorded, in order, with headers and bodies; the
     // inspection endpoint is not.
     let recorded = fake.requests();
-    assert_eq!(recorded.len(), 17, "{:#?}", recorded.iter().map(|r| &r.path).collect::<Vec<_>>());
+    assert_eq!(recorded.len(), 16, "{:#?}", recorded.iter().map(|r| &r.path).collect::<Vec<_>>());
     assert_eq!(recorded[0].path, "/api/v1/projects/");
     assert!(recorded[0].header("cookie").unwrap().starts_with("token="));
     assert_eq!(recorded.last().unwrap().header("authorization"), Some("bearer ib_mcp_x"));

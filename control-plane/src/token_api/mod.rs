@@ -5,9 +5,11 @@
 //! - `POST   /api/v1/mcp/tokens`                     create (201, secret shown once)
 //! - `GET|PATCH|DELETE /api/v1/mcp/tokens/{id}`      read, update, revoke
 //! - `POST|DELETE /api/v1/mcp/tokens/{id}/trigger`   grant/withdraw writes
+//! - `GET    /api/v1/mcp/tokens/{id}/access-log`     audit rows, newest first, paginated
 //!
 //! Every path also answers with a trailing slash.
 
+pub mod access_log;
 pub mod store;
 pub mod validation;
 
@@ -53,6 +55,8 @@ pub fn router(api: TokenApi) -> Router {
         .route("/api/v1/mcp/tokens/{token_id}/", item)
         .route("/api/v1/mcp/tokens/{token_id}/trigger", trigger.clone())
         .route("/api/v1/mcp/tokens/{token_id}/trigger/", trigger)
+        .route("/api/v1/mcp/tokens/{token_id}/access-log", get(access_log::list))
+        .route("/api/v1/mcp/tokens/{token_id}/access-log/", get(access_log::list))
         .fallback(crate::error::route_not_found)
         .method_not_allowed_fallback(crate::error::method_not_allowed)
         .with_state(api)

@@ -133,6 +133,11 @@ impl TokenStore {
         Self { pool, max_live_per_user }
     }
 
+    /// The pool (for the access-log reads of `token_api::access_log`).
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
     pub fn max_live_per_user(&self) -> i64 {
         self.max_live_per_user
     }
@@ -308,19 +313,22 @@ async fn live_count(conn: &mut PgConnection, user_id: Uuid) -> Result<i64, sqlx:
 }
 
 async fn audit(conn: &mut PgConnection, actor: &Actor, action: TokenAction, token_id: &str, mut details: Value) -> Result<(), sqlx::Error> {
+    // Client-supplied: kept only when it is a plain id (never a token).
+    let request_id = crate::audit::row::clean_request_id(&actor.request_id);
     if let Value::Object(m) = &mut details {
-        m.insert("request_id".into(), json!(actor.request_id));
+        m.insert("request_id".into(), json!(request_id));
     }
     sqlx::query(&format!(
-        "INSERT INTO mcp_access_log (id, token_id, user_id, action, outcome, details, ip, accessed_at) \
-         VALUES ($1, $2, $3, $4, 'success', $5, $6, {NOW_UTC})"
+        "INSERT INTO mcp_access_log (id, token_id, user_id, action, outcome, details, ip, accessed_at, request_id) \
+         VALUES ($1, $2, $3, $4, 'success', $5, $6, {NOW_UTC}, $7)"
     ))
     .bind(Uuid::new_v4())
     .bind(token_id)
     .bind(actor.user_id)
     .bind(action.as_str())
     .bind(details)
-    .bind(actor.ip.as_deref())
+    .bind(actor.ip.as_deref().filter(|ip| ip.parse::<std::net::IpAddr>().is_ok()))
+    .bind(request_id)
     .execute(conn)
     .await?;
     Ok(())

@@ -19,6 +19,11 @@ pub struct PluginConfig {
     pub snapshot_wait_seconds: u32,
     pub max_log_bytes: u64,
     pub routes: RouteTable,
+    /// Envoy cluster of the rate-limit service (DESIGN §9).
+    pub ratelimit_cluster: String,
+    /// How long a request waits for the rate-limit service before the
+    /// local window decides (milliseconds).
+    pub ratelimit_timeout_ms: u32,
 }
 
 #[derive(Deserialize)]
@@ -37,6 +42,10 @@ struct Raw {
     max_log_bytes: u64,
     #[serde(default)]
     routes: Option<serde_json::Value>,
+    #[serde(default = "d_rl_cluster")]
+    ratelimit_cluster: String,
+    #[serde(default = "d_rl_timeout")]
+    ratelimit_timeout_ms: u32,
 }
 
 fn d_cluster() -> String {
@@ -53,6 +62,12 @@ fn d_wait() -> u32 {
 }
 fn d_max_log() -> u64 {
     1 << 20
+}
+fn d_rl_cluster() -> String {
+    "mcp_ratelimit".into()
+}
+fn d_rl_timeout() -> u32 {
+    50
 }
 
 /// Why a configuration was refused. Never contains the snapshot secret.
@@ -85,6 +100,12 @@ impl PluginConfig {
         if raw.max_log_bytes == 0 {
             return Err(ConfigError("max_log_bytes must be positive".into()));
         }
+        if raw.ratelimit_cluster.is_empty() {
+            return Err(ConfigError("ratelimit_cluster must not be empty".into()));
+        }
+        if !(1..=10_000).contains(&raw.ratelimit_timeout_ms) {
+            return Err(ConfigError("ratelimit_timeout_ms must be between 1 and 10000".into()));
+        }
         let routes = match &raw.routes {
             None => RouteTable::default(),
             Some(v) => RouteTable::from_json(v).map_err(|e| ConfigError(e.to_string()))?,
@@ -97,6 +118,8 @@ impl PluginConfig {
             snapshot_wait_seconds: raw.snapshot_wait_seconds,
             max_log_bytes: raw.max_log_bytes,
             routes,
+            ratelimit_cluster: raw.ratelimit_cluster,
+            ratelimit_timeout_ms: raw.ratelimit_timeout_ms,
         })
     }
 }
@@ -125,12 +148,18 @@ mod tests {
         let c = PluginConfig::parse(br#"{"snapshot_secret":"0123456789abcdef"}"#).unwrap();
         assert_eq!(c.snapshot_cluster, "mcp_control_plane_internal");
         assert_eq!(c.routes.routes().len(), 20);
+        assert_eq!((c.ratelimit_cluster.as_str(), c.ratelimit_timeout_ms), ("mcp_ratelimit", 50));
+        let c = PluginConfig::parse(br#"{"snapshot_secret":"0123456789abcdef","ratelimit_timeout_ms":250}"#).unwrap();
+        assert_eq!(c.ratelimit_timeout_ms, 250);
         for bad in [
             &br#"{}"#[..],
             br#"{"snapshot_secret":"short"}"#,
             br#"{"snapshot_secret":"0123456789abcdef","bogus":1}"#,
             br#"{"snapshot_secret":"0123456789abcdef","routes":[]}"#,
             br#"{"snapshot_secret":"0123456789abcdef","snapshot_wait_seconds":1000}"#,
+            br#"{"snapshot_secret":"0123456789abcdef","ratelimit_timeout_ms":0}"#,
+            br#"{"snapshot_secret":"0123456789abcdef","ratelimit_timeout_ms":60000}"#,
+            br#"{"snapshot_secret":"0123456789abcdef","ratelimit_cluster":""}"#,
             b"not json",
         ] {
             assert!(PluginConfig::parse(bad).is_err());

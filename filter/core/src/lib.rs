@@ -15,3 +15,5 @@ pub mod pipeline;
 pub mod config;
 pub mod shaping;
 pub mod rls;
+pub mod window;
+pub mod audit;

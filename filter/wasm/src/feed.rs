@@ -4,6 +4,10 @@
 //! last good one on any error, and backs off with jitter while the control
 //! plane is away. Until the first snapshot arrives `policy` is `None`, which
 //! the pipeline answers with 503 `policy_unavailable`.
+//!
+//! Its tick is also the rate-limit watchdog: a request still paused on its
+//! rate-limit callout after the callout's deadline is decided by the local
+//! window, so a callout Envoy keeps queued cannot hang a request.
 
 use std::cell::RefCell;
 use std::rc::Rc;
@@ -16,11 +20,13 @@ use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::ContextType;
 
 use crate::host;
+use crate::limiter::{self, Callouts};
 use crate::metrics::Metrics;
-use crate::request::McpRequest;
+use crate::request::{self, HeldRequest, McpRequest};
 
-const TICK: Duration = Duration::from_millis(200);
 const BACKOFF_MIN_MS: i64 = 250;
+/// How long after a callout's deadline the watchdog steps in.
+const WATCHDOG_GRACE_MS: i64 = 5;
 const BACKOFF_MAX_MS: i64 = 10_000;
 
 /// State shared by the root context and every request context of a VM.
@@ -29,6 +35,8 @@ pub struct Shared {
     pub config: RefCell<Option<Rc<PluginConfig>>>,
     pub policy: RefCell<Option<Rc<Policy>>>,
     pub metrics: RefCell<Metrics>,
+    /// Requests paused on their rate-limit callout.
+    pub callouts: RefCell<Callouts<HeldRequest>>,
 }
 
 impl Shared {
@@ -54,13 +62,35 @@ struct Poll {
 }
 
 pub struct Root {
+    context_id: u32,
     shared: Rc<Shared>,
     poll: Poll,
 }
 
 impl Root {
-    pub fn new() -> Self {
-        Self { shared: Rc::new(Shared::default()), poll: Poll::default() }
+    pub fn new(context_id: u32) -> Self {
+        Self { context_id, shared: Rc::new(Shared::default()), poll: Poll::default() }
+    }
+
+    /// Decides every request paused past its callout's deadline with the
+    /// local window, in that request's context.
+    fn watchdog(&self) {
+        let Some(cfg) = self.shared.config() else { return };
+        let now = host::now_unix_ms();
+        let overdue = match self.shared.callouts.try_borrow_mut() {
+            // A little after the callout's own timeout, which normally
+            // answers first (and so releases the callout in Envoy).
+            Ok(mut c) if !c.is_empty() => c.overdue(now, i64::from(cfg.ratelimit_timeout_ms) + WATCHDOG_GRACE_MS),
+            _ => return,
+        };
+        for (context_id, held) in overdue {
+            if hostcalls::set_effective_context(context_id).is_err() {
+                continue;
+            }
+            let decision = limiter::degrade(&self.shared.metrics(), &held.key, now, "no answer before the deadline");
+            request::finish(&self.shared, held, decision, true);
+        }
+        let _ = hostcalls::set_effective_context(self.context_id);
     }
 
     fn poll_now(&mut self) {
@@ -127,15 +157,15 @@ impl Root {
         let started = host::now_unix_ms();
         match Policy::from_json(&body) {
             Ok(policy) => {
-                log::info!(
-                    "applied snapshot version={} tokens={} in {} ms",
-                    policy.version,
-                    policy.token_count(),
-                    host::now_unix_ms() - started
-                );
+                let took = (host::now_unix_ms() - started).max(0);
+                log::info!("applied snapshot version={} tokens={} in {took} ms", policy.version, policy.token_count());
                 Metrics::set(metrics.snapshot_tokens, policy.token_count() as u64);
-                Metrics::inc(metrics.snapshot_updates);
+                Metrics::set(metrics.snapshot_apply_ms, took as u64);
+                // Replace (and free) the previous policy before the update
+                // counter moves, so the memory gauge read after it is current.
                 *self.shared.policy.borrow_mut() = Some(Rc::new(policy));
+                metrics.record_memory();
+                Metrics::inc(metrics.snapshot_updates);
                 self.succeeded();
             }
             Err(e) => {
@@ -209,7 +239,8 @@ impl RootContext for Root {
                 return false;
             }
         }
-        if let Err(e) = hostcalls::set_tick_period(TICK) {
+        let tick = self.shared.config().map(|c| limiter::watchdog_tick(c.ratelimit_timeout_ms)).unwrap_or(Duration::from_millis(200));
+        if let Err(e) = hostcalls::set_tick_period(tick) {
             log::error!("cannot set tick period: {e:?}");
         }
         self.poll_now();
@@ -221,6 +252,8 @@ impl RootContext for Root {
         if self.poll.in_flight.is_none() && host::now_unix_ms() >= self.poll.next_at_ms {
             self.poll_now();
         }
+        // Last: it switches the effective context to each overdue request.
+        self.watchdog();
     }
 
     fn create_http_context(&self, context_id: u32) -> Option<Box<dyn HttpContext>> {

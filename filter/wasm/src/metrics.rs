@@ -12,8 +12,18 @@ pub struct Metrics {
     pub snapshot_rejected: u32,
     pub snapshot_age_seconds: u32,
     pub snapshot_tokens: u32,
+    /// How long compiling the last applied snapshot took, in ms.
+    pub snapshot_apply_ms: u32,
+    /// This VM's linear memory, in bytes.
+    pub vm_memory_bytes: u32,
     pub requests_allowed: u32,
     pub requests_denied: u32,
+    /// Rate-limit decisions: admitted, refused (429), made by the local
+    /// window because the service could not answer, and service failures.
+    pub ratelimit_allowed: u32,
+    pub ratelimit_limited: u32,
+    pub ratelimit_degraded: u32,
+    pub ratelimit_rls_errors: u32,
 }
 
 impl Metrics {
@@ -26,8 +36,14 @@ impl Metrics {
             snapshot_rejected: c("mcp_snapshot_rejected"),
             snapshot_age_seconds: g("mcp_snapshot_age_seconds"),
             snapshot_tokens: g("mcp_snapshot_tokens"),
+            snapshot_apply_ms: g("mcp_snapshot_apply_ms"),
+            vm_memory_bytes: g("mcp_vm_memory_bytes"),
             requests_allowed: c("mcp_requests_allowed"),
             requests_denied: c("mcp_requests_denied"),
+            ratelimit_allowed: c("mcp_ratelimit_allowed"),
+            ratelimit_limited: c("mcp_ratelimit_limited"),
+            ratelimit_degraded: c("mcp_ratelimit_degraded"),
+            ratelimit_rls_errors: c("mcp_ratelimit_rls_errors"),
         }
     }
 
@@ -35,6 +51,12 @@ impl Metrics {
         if id != 0 {
             let _ = hostcalls::increment_metric(id, 1);
         }
+    }
+
+    /// Records the VM's current linear memory size.
+    pub fn record_memory(self) {
+        #[cfg(target_arch = "wasm32")]
+        Self::set(self.vm_memory_bytes, (core::arch::wasm32::memory_size(0) as u64) * 65_536);
     }
 
     pub fn set(id: u32, value: u64) {

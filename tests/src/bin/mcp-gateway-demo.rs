@@ -78,6 +78,8 @@ async fn main() -> Result<()> {
         infrabox_port,
         cp_http_port: control_plane.http_port(),
         cp_internal_port: control_plane.internal_port(),
+        cp_grpc_port: control_plane.grpc_port(),
+        rls_target: Default::default(),
         plugin_config: json!({"snapshot_secret": snapshot_secret}),
         listen_port: Some(port),
         concurrency: 2,

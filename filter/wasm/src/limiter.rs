@@ -1,0 +1,192 @@
+//! The rate-limit step (DESIGN §9) on the host side: the callout to the
+//! rate-limit service and the bookkeeping of requests paused on it, and the
+//! local sliding window in proxy-wasm shared data that decides when the
+//! service cannot (error, timeout, no healthy endpoint).
+//!
+//! Shared data belongs to the VM id, so every worker of one Envoy shares the
+//! local windows; updates use compare-and-swap.
+
+use std::cell::Cell;
+use std::collections::HashMap;
+use std::time::Duration;
+
+use mcp_filter_core::config::PluginConfig;
+use mcp_filter_core::pipeline::{self, Admitted};
+use mcp_filter_core::rls;
+use mcp_filter_core::route::{Class, RouteTable};
+use mcp_filter_core::snapshot::Policy;
+use mcp_filter_core::window::{Decision, SlidingWindow};
+use proxy_wasm::hostcalls;
+use proxy_wasm::types::{BufferType, Status};
+
+use crate::metrics::Metrics;
+
+/// Whose budget a request counts against, and the limit from the snapshot.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LimitKey {
+    pub user: String,
+    pub class: Class,
+    pub limit: u32,
+    pub window_seconds: u32,
+}
+
+impl LimitKey {
+    /// The key of an admitted request (`None` if its grant or user is
+    /// missing from the policy, which `admit` rules out).
+    pub fn of(admitted: &Admitted, policy: &Policy, routes: &RouteTable) -> Option<Self> {
+        let grant = policy.grant(admitted.grant)?;
+        let user = policy.user(grant.user)?;
+        let class = pipeline::class_of(admitted, routes);
+        Some(Self {
+            user: user.id.to_string(),
+            class,
+            limit: policy.limit(class),
+            window_seconds: policy.limits.window_seconds,
+        })
+    }
+
+    fn shared_data_key(&self) -> String {
+        format!("mcp_rl:{{{}}}:{}", self.user, self.class.as_str())
+    }
+}
+
+/// Starts the `ShouldRateLimit` callout; the answer arrives in the request
+/// context's `on_grpc_call_response` under the returned token.
+pub fn ask_service(config: &PluginConfig, key: &LimitKey) -> Result<u32, Status> {
+    let message = rls::encode_request(&key.user, key.class.as_str(), key.limit, key.window_seconds);
+    hostcalls::dispatch_grpc_call(
+        &config.ratelimit_cluster,
+        rls::SERVICE,
+        rls::METHOD,
+        Vec::new(),
+        Some(&message),
+        Duration::from_millis(u64::from(config.ratelimit_timeout_ms)),
+    )
+}
+
+/// Reads the service's answer to a finished callout.
+pub fn read_answer(status_code: u32, response_size: usize) -> Result<Decision, String> {
+    if status_code != 0 {
+        return Err(format!("rate-limit service answered gRPC status {status_code}"));
+    }
+    let body = hostcalls::get_buffer(BufferType::GrpcReceiveBuffer, 0, response_size)
+        .ok()
+        .flatten()
+        .unwrap_or_default();
+    rls::decode_response(&body).map(Decision::from).map_err(|e| format!("unreadable rate-limit answer: {e}"))
+}
+
+/// Degraded mode: counts the service failure and decides with the local
+/// window of this Envoy instance.
+pub fn degrade(metrics: &Metrics, key: &LimitKey, now_ms: i64, why: &str) -> Decision {
+    thread_local! {
+        // One VM is single-threaded: at most one warning per VM per second.
+        static LAST_WARNING_MS: Cell<i64> = const { Cell::new(i64::MIN) };
+    }
+    LAST_WARNING_MS.with(|last| {
+        if now_ms.saturating_sub(last.get()) >= 1000 {
+            last.set(now_ms);
+            log::warn!("rate-limit service unavailable ({why}); deciding locally (counted in mcp_ratelimit_degraded)");
+        }
+    });
+    Metrics::inc(metrics.ratelimit_rls_errors);
+    Metrics::inc(metrics.ratelimit_degraded);
+    decide_locally(key, now_ms)
+}
+
+/// Compare-and-swap attempts before the last computed decision stands.
+const CAS_ATTEMPTS: usize = 16;
+
+/// One decision of the local sliding window in shared data.
+pub fn decide_locally(key: &LimitKey, now_ms: i64) -> Decision {
+    let name = key.shared_data_key();
+    let now = u64::try_from(now_ms).unwrap_or(0);
+    let window_ms = u64::from(key.window_seconds).saturating_mul(1000);
+    let mut last = Decision { allowed: true, remaining: 0, reset_ms: window_ms };
+    for _ in 0..CAS_ATTEMPTS {
+        let (bytes, cas) = match hostcalls::get_shared_data(&name) {
+            Ok(v) => v,
+            Err(e) => {
+                log::warn!("cannot read the local rate-limit window: {e:?}");
+                (None, None)
+            }
+        };
+        let mut window = SlidingWindow::decode(bytes.as_deref().unwrap_or_default());
+        last = window.decide(now, key.limit, window_ms);
+        if !last.allowed {
+            // A denial records nothing.
+            return last;
+        }
+        // A key nobody wrote yet has no CAS; two workers creating it at the
+        // same instant may both admit (at most one extra, once per key).
+        match hostcalls::set_shared_data(&name, Some(&window.encode()), cas) {
+            Ok(()) => return last,
+            Err(Status::CasMismatch) => continue,
+            Err(e) => {
+                log::warn!("cannot store the local rate-limit window: {e:?}");
+                return last;
+            }
+        }
+    }
+    log::warn!("local rate-limit window stayed contended; admitting without recording");
+    last
+}
+
+/// A request paused on its callout.
+struct Waiting<T> {
+    token: u32,
+    since_ms: i64,
+    request: T,
+}
+
+/// Requests of one VM paused on a rate-limit callout, by context id. Whoever
+/// takes a request out first (the answer, or the watchdog) decides it.
+pub struct Callouts<T> {
+    waiting: HashMap<u32, Waiting<T>>,
+}
+
+impl<T> Default for Callouts<T> {
+    fn default() -> Self {
+        Self { waiting: HashMap::new() }
+    }
+}
+
+impl<T> Callouts<T> {
+    pub fn hold(&mut self, context_id: u32, token: u32, since_ms: i64, request: T) {
+        self.waiting.insert(context_id, Waiting { token, since_ms, request });
+    }
+
+    /// The request waiting on `token` in `context_id`, if still undecided.
+    pub fn take(&mut self, context_id: u32, token: u32) -> Option<T> {
+        match self.waiting.get(&context_id) {
+            Some(w) if w.token == token => self.waiting.remove(&context_id).map(|w| w.request),
+            _ => None,
+        }
+    }
+
+    /// Removes and returns every request paused for `deadline_ms` or longer.
+    pub fn overdue(&mut self, now_ms: i64, deadline_ms: i64) -> Vec<(u32, T)> {
+        let due: Vec<u32> = self
+            .waiting
+            .iter()
+            .filter(|(_, w)| now_ms.saturating_sub(w.since_ms) >= deadline_ms)
+            .map(|(id, _)| *id)
+            .collect();
+        due.into_iter().filter_map(|id| self.waiting.remove(&id).map(|w| (id, w.request))).collect()
+    }
+
+    /// Drops a request whose context ended.
+    pub fn forget(&mut self, context_id: u32) {
+        self.waiting.remove(&context_id);
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.waiting.is_empty()
+    }
+}
+
+/// The root context's tick period for a callout deadline: at most half the
+/// deadline, so the watchdog decides a stuck request within 1.5 deadlines.
+pub fn watchdog_tick(timeout_ms: u32) -> Duration {
+    Duration::from_millis(u64::from(timeout_ms / 2).clamp(10, 200))
+}

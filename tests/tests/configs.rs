@@ -1,0 +1,709 @@
+//! Configuration validation (issue "Containers and the mesh", item 5): every
+//! Envoy configuration the project ships or generates passes `envoy --mode
+//! validate` on every installed Envoy version — which loads and configures
+//! the real `mcp_filter.wasm` — and every Kubernetes manifest in
+//! `envoy/istio/` parses, names known kinds, and matches a schema written
+//! from the Istio API (istio/api `extensions/v1alpha1/wasm.proto`,
+//! `networking/v1alpha3/envoy_filter.proto`, `virtual_service.proto`), plus
+//! the references between the manifests and the filter's own configuration
+//! parser. No network is used.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use mcp_gateway_tests::envoy::{render, repo_root, wasm_path};
+use mcp_gateway_tests::scratch::fresh_dir;
+use serde_yaml::{Mapping, Value};
+
+// ---------------------------------------------------------------- Envoy
+
+/// Envoy versions installed under `.tools/` (scripts/install-deps.sh).
+fn installed_envoys() -> Vec<(String, PathBuf)> {
+    let mut found: Vec<(String, PathBuf)> = std::fs::read_dir(repo_root().join(".tools"))
+        .map(|d| d.flatten().collect::<Vec<_>>())
+        .unwrap_or_default()
+        .into_iter()
+        .filter_map(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let version = name.strip_prefix("envoy-")?.to_string();
+            let bin = e.path().join("bin/envoy");
+            bin.exists().then_some((version, bin))
+        })
+        .collect();
+    found.sort();
+    let wanted = std::env::var("ENVOY_VERSION").unwrap_or_else(|_| "1.40.0".into());
+    assert!(found.iter().any(|(v, _)| *v == wanted), "Envoy {wanted} is not installed under .tools/ (run scripts/install-deps.sh); found {found:?}");
+    found
+}
+
+/// `envoy --mode validate`: (passed, output).
+fn validate(bin: &Path, name: &str, yaml: &str) -> (bool, String) {
+    let path = fresh_dir("validate").join(format!("{name}.yaml"));
+    std::fs::write(&path, yaml).unwrap();
+    let out = Command::new(bin).arg("--mode").arg("validate").arg("-c").arg(&path).args(["-l", "warning"]).output().unwrap();
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    (out.status.success() && text.contains("OK"), text)
+}
+
+fn dummy_plugin_config() -> String {
+    r#"{"snapshot_secret":"validate-only-not-a-secret-0123456789"}"#.to_string()
+}
+
+/// The template with every `{{NAME}}` filled with a dummy value of its kind,
+/// as tests and `make run` fill it (tests/src/envoy.rs).
+fn rendered_template(plugin_config: &str) -> String {
+    let template = std::fs::read_to_string(repo_root().join("envoy/envoy.yaml.tmpl")).unwrap();
+    let mut vars: BTreeMap<&str, String> = BTreeMap::new();
+    let mut port = 20000u16;
+    let mut rest = template.as_str();
+    while let Some(i) = rest.find("{{") {
+        let end = rest[i..].find("}}").expect("closed placeholder") + i;
+        let name = &rest[i + 2..end];
+        let value = match name {
+            "NODE_ID" => "validate".to_string(),
+            "PLUGIN_CONFIG" => plugin_config.to_string(),
+            "WASM_PATH" => wasm_path().display().to_string(),
+            n if n.ends_with("_PORT") => {
+                port += 1;
+                port.to_string()
+            }
+            n if n.ends_with("_HOST") => "127.0.0.1".to_string(),
+            n if n.ends_with("_HEALTH_STATUS") => "UNKNOWN".to_string(),
+            other => panic!("envoy/envoy.yaml.tmpl has a placeholder {other} this validation does not know: add it here"),
+        };
+        vars.insert(name, value);
+        rest = &rest[end + 2..];
+    }
+    render(&template, &vars).unwrap()
+}
+
+#[test]
+fn the_envoy_template_validates_on_every_installed_envoy() {
+    assert!(wasm_path().exists(), "{} is missing: run `make wasm`", wasm_path().display());
+    let config = rendered_template(&dummy_plugin_config());
+    for (version, bin) in installed_envoys() {
+        let (ok, out) = validate(&bin, &format!("template-{version}"), &config);
+        assert!(ok, "envoy/envoy.yaml.tmpl does not validate on Envoy {version}:\n{out}");
+    }
+}
+
+#[test]
+fn validate_mode_loads_the_filter_and_rejects_its_bad_configuration() {
+    // The evidence that `--mode validate` runs the module: a plugin
+    // configuration the filter refuses (secret too short) fails validation.
+    let (_, bin) = installed_envoys().pop().unwrap();
+    let (ok, out) = validate(&bin, "bad-plugin-config", &rendered_template(r#"{"snapshot_secret":"short"}"#));
+    assert!(!ok, "a configuration the filter refuses passed validation:\n{out}");
+    assert!(out.contains("mcp_gateway"), "{out}");
+}
+
+// ------------------------------------------------------------- manifests
+
+/// Every YAML document in `envoy/istio/`, with its file name.
+fn manifests() -> Vec<(String, Value)> {
+    let dir = repo_root().join("envoy/istio");
+    let mut files: Vec<PathBuf> = std::fs::read_dir(&dir).unwrap().flatten().map(|e| e.path()).collect();
+    files.sort();
+    let mut docs = Vec::new();
+    for f in files.iter().filter(|f| f.extension().is_some_and(|e| e == "yaml" || e == "yml")) {
+        let text = std::fs::read_to_string(f).unwrap();
+        let name = f.file_name().unwrap().to_string_lossy().into_owned();
+        for doc in serde_yaml::Deserializer::from_str(&text) {
+            let v = Value::deserialize(doc).unwrap_or_else(|e| panic!("{name} does not parse: {e}"));
+            if !v.is_null() {
+                docs.push((name.clone(), v));
+            }
+        }
+    }
+    assert!(docs.len() >= 10, "expected the Istio manifests in {}", dir.display());
+    docs
+}
+
+use serde::Deserialize;
+
+fn get<'a>(v: &'a Value, path: &str) -> &'a Value {
+    path.split('.').fold(v, |v, k| v.get(k).unwrap_or(&Value::Null))
+}
+
+fn s<'a>(v: &'a Value, path: &str) -> &'a str {
+    get(v, path).as_str().unwrap_or("")
+}
+
+/// The kinds the manifests may use, by apiVersion.
+const KNOWN_KINDS: &[(&str, &str)] = &[
+    ("v1", "Namespace"),
+    ("v1", "ServiceAccount"),
+    ("v1", "ConfigMap"),
+    ("v1", "Service"),
+    ("apps/v1", "Deployment"),
+    ("policy/v1", "PodDisruptionBudget"),
+    ("networking.k8s.io/v1", "NetworkPolicy"),
+    ("extensions.istio.io/v1alpha1", "WasmPlugin"),
+    ("networking.istio.io/v1alpha3", "EnvoyFilter"),
+    ("networking.istio.io/v1", "VirtualService"),
+    ("networking.istio.io/v1beta1", "VirtualService"),
+    ("kustomize.config.k8s.io/v1beta1", "Kustomization"),
+];
+
+/// A schema of Istio resource specs, written from the istio/api protos
+/// (field names as the CRDs spell them). Node keys: `type` (object, array,
+/// string, integer, boolean, map, struct = any object), `properties`,
+/// `required`, `items`, `values`, `enum`, `ref`, `exactly_one_of`,
+/// `at_most_one_of`, `url_schemes`, `hex_len`. Objects reject fields the
+/// schema does not name: a misspelt field is silently pruned by the CRD.
+const ISTIO_SCHEMA: &str = r#"
+definitions:
+  labels: { type: map, values: { type: string } }
+  WorkloadSelector: { type: object, properties: { matchLabels: { ref: labels } } }
+  PolicyTargetReference:
+    type: object
+    required: [kind, name]
+    properties: { group: { type: string }, kind: { type: string }, name: { type: string }, namespace: { type: string } }
+  StringMatch:
+    type: object
+    exactly_one_of: [exact, prefix, regex]
+    properties: { exact: { type: string }, prefix: { type: string }, regex: { type: string } }
+  Destination:
+    type: object
+    required: [host]
+    properties:
+      host: { type: string }
+      subset: { type: string }
+      port: { type: object, properties: { number: { type: integer } } }
+  Headers: { type: struct }
+WasmPlugin:
+  type: object
+  required: [url]
+  at_most_one_of: [selector, targetRef, targetRefs]
+  properties:
+    selector: { ref: WorkloadSelector }
+    targetRef: { ref: PolicyTargetReference }
+    targetRefs: { type: array, items: { ref: PolicyTargetReference } }
+    url: { type: string, url_schemes: [oci, file, http, https] }
+    sha256: { type: string, hex_len: 64 }
+    imagePullPolicy: { enum: [UNSPECIFIED_POLICY, IfNotPresent, Always] }
+    imagePullSecret: { type: string }
+    verificationKey: { type: string }
+    pluginConfig: { type: struct }
+    pluginName: { type: string }
+    phase: { enum: [UNSPECIFIED_PHASE, AUTHN, AUTHZ, STATS] }
+    priority: { type: integer }
+    failStrategy: { enum: [FAIL_CLOSE, FAIL_OPEN, FAIL_RELOAD] }
+    vmConfig:
+      type: object
+      properties:
+        env:
+          type: array
+          items:
+            type: object
+            required: [name]
+            properties: { name: { type: string }, valueFrom: { enum: [INLINE, HOST] }, value: { type: string } }
+    match:
+      type: array
+      items:
+        type: object
+        properties:
+          mode: { enum: [UNDEFINED, CLIENT, SERVER, CLIENT_AND_SERVER] }
+          ports: { type: array, items: { type: object, required: [number], properties: { number: { type: integer } } } }
+    type: { enum: [UNSPECIFIED_PLUGIN_TYPE, HTTP, NETWORK] }
+EnvoyFilter:
+  type: object
+  at_most_one_of: [workloadSelector, targetRefs]
+  properties:
+    workloadSelector: { type: object, properties: { labels: { ref: labels } } }
+    targetRefs: { type: array, items: { ref: PolicyTargetReference } }
+    priority: { type: integer }
+    configPatches:
+      type: array
+      items:
+        type: object
+        required: [applyTo, patch]
+        properties:
+          applyTo:
+            enum: [INVALID, LISTENER, FILTER_CHAIN, NETWORK_FILTER, HTTP_FILTER, ROUTE_CONFIGURATION, VIRTUAL_HOST,
+                   HTTP_ROUTE, CLUSTER, EXTENSION_CONFIG, BOOTSTRAP, LISTENER_FILTER]
+          match:
+            type: object
+            at_most_one_of: [listener, routeConfiguration, cluster, waypoint]
+            properties:
+              context: { enum: [ANY, SIDECAR_INBOUND, SIDECAR_OUTBOUND, GATEWAY, WAYPOINT] }
+              proxy: { type: object, properties: { proxyVersion: { type: string }, metadata: { ref: labels } } }
+              listener:
+                type: object
+                properties:
+                  portNumber: { type: integer }
+                  portName: { type: string }
+                  name: { type: string }
+                  listenerFilter: { type: string }
+                  filterChain:
+                    type: object
+                    properties:
+                      name: { type: string }
+                      sni: { type: string }
+                      transportProtocol: { type: string }
+                      applicationProtocols: { type: string }
+                      destinationPort: { type: integer }
+                      filter:
+                        type: object
+                        properties:
+                          name: { type: string }
+                          subFilter: { type: object, properties: { name: { type: string } } }
+              routeConfiguration:
+                type: object
+                properties:
+                  portNumber: { type: integer }
+                  portName: { type: string }
+                  gateway: { type: string }
+                  name: { type: string }
+                  vhost:
+                    type: object
+                    properties:
+                      name: { type: string }
+                      domainName: { type: string }
+                      route: { type: object, properties: { name: { type: string }, action: { enum: [ANY, ROUTE, REDIRECT, DIRECT_RESPONSE] } } }
+              cluster:
+                type: object
+                properties: { portNumber: { type: integer }, service: { type: string }, subset: { type: string }, name: { type: string } }
+              waypoint: { type: struct }
+          patch:
+            type: object
+            required: [operation]
+            properties:
+              operation: { enum: [INVALID, MERGE, ADD, REMOVE, INSERT_BEFORE, INSERT_AFTER, INSERT_FIRST, REPLACE, MERGE_AND_REPLACE_LIST] }
+              value: { type: struct }
+              filterClass: { enum: [UNSPECIFIED, AUTHN, AUTHZ, STATS] }
+VirtualService:
+  type: object
+  properties:
+    hosts: { type: array, items: { type: string } }
+    gateways: { type: array, items: { type: string } }
+    exportTo: { type: array, items: { type: string } }
+    tls: { type: array, items: { type: struct } }
+    tcp: { type: array, items: { type: struct } }
+    http:
+      type: array
+      items:
+        type: object
+        properties:
+          name: { type: string }
+          match:
+            type: array
+            items:
+              type: object
+              properties:
+                name: { type: string }
+                uri: { ref: StringMatch }
+                scheme: { ref: StringMatch }
+                method: { ref: StringMatch }
+                authority: { ref: StringMatch }
+                headers: { type: map, values: { ref: StringMatch } }
+                port: { type: integer }
+                sourceLabels: { ref: labels }
+                gateways: { type: array, items: { type: string } }
+                queryParams: { type: map, values: { ref: StringMatch } }
+                ignoreUriCase: { type: boolean }
+                withoutHeaders: { type: map, values: { ref: StringMatch } }
+                sourceNamespace: { type: string }
+                statPrefix: { type: string }
+          route:
+            type: array
+            items:
+              type: object
+              required: [destination]
+              properties: { destination: { ref: Destination }, weight: { type: integer }, headers: { ref: Headers } }
+          redirect: { type: struct }
+          directResponse:
+            type: object
+            required: [status]
+            properties:
+              status: { type: integer }
+              body: { type: object, exactly_one_of: [string, bytes], properties: { string: { type: string }, bytes: { type: string } } }
+          delegate: { type: struct }
+          rewrite: { type: struct }
+          timeout: { type: string }
+          retries: { type: struct }
+          fault: { type: struct }
+          mirror: { ref: Destination }
+          mirrors: { type: array, items: { type: struct } }
+          mirrorPercentage: { type: struct }
+          corsPolicy: { type: struct }
+          headers: { ref: Headers }
+"#;
+
+/// Checks `v` against schema `node`; appends "path: problem" lines.
+fn check(v: &Value, node: &Value, defs: &Value, path: &str, errors: &mut Vec<String>) {
+    if let Some(r) = node.get("ref").and_then(Value::as_str) {
+        let target = defs.get(r).unwrap_or_else(|| panic!("schema: unknown ref {r}"));
+        return check(v, target, defs, path, errors);
+    }
+    if let Some(allowed) = node.get("enum").and_then(Value::as_sequence) {
+        if !allowed.contains(v) {
+            errors.push(format!("{path}: {v:?} is not one of {allowed:?}"));
+        }
+        return;
+    }
+    let ty = node.get("type").and_then(Value::as_str).unwrap_or("object");
+    let ok = match ty {
+        "object" | "map" | "struct" => v.is_mapping(),
+        "array" => v.is_sequence(),
+        "string" => v.is_string(),
+        "integer" => v.as_i64().is_some(),
+        "boolean" => v.is_bool(),
+        other => panic!("schema: unknown type {other}"),
+    };
+    if !ok {
+        errors.push(format!("{path}: expected {ty}, found {v:?}"));
+        return;
+    }
+    match ty {
+        "object" => {
+            let map = v.as_mapping().unwrap();
+            let props = node.get("properties").and_then(Value::as_mapping).cloned().unwrap_or_default();
+            for (k, child) in map {
+                let key = k.as_str().unwrap_or("?");
+                match props.get(k) {
+                    Some(schema) => check(child, schema, defs, &format!("{path}.{key}"), errors),
+                    None => errors.push(format!("{path}.{key}: unknown field")),
+                }
+            }
+            for r in node.get("required").and_then(Value::as_sequence).into_iter().flatten() {
+                if !map.contains_key(r) {
+                    errors.push(format!("{path}: missing required {}", r.as_str().unwrap_or("?")));
+                }
+            }
+            let present = |keys: &Value| keys.as_sequence().map(|ks| ks.iter().filter(|k| map.contains_key(*k)).count()).unwrap_or(0);
+            if let Some(keys) = node.get("exactly_one_of") {
+                if present(keys) != 1 {
+                    errors.push(format!("{path}: exactly one of {keys:?} must be set"));
+                }
+            }
+            if let Some(keys) = node.get("at_most_one_of") {
+                if present(keys) > 1 {
+                    errors.push(format!("{path}: at most one of {keys:?} may be set"));
+                }
+            }
+        }
+        "map" => {
+            if let Some(values) = node.get("values") {
+                for (k, child) in v.as_mapping().unwrap() {
+                    check(child, values, defs, &format!("{path}.{}", k.as_str().unwrap_or("?")), errors);
+                }
+            }
+        }
+        "array" => {
+            if let Some(items) = node.get("items") {
+                for (i, child) in v.as_sequence().unwrap().iter().enumerate() {
+                    check(child, items, defs, &format!("{path}[{i}]"), errors);
+                }
+            }
+        }
+        "string" => {
+            let text = v.as_str().unwrap();
+            if let Some(schemes) = node.get("url_schemes").and_then(Value::as_sequence) {
+                if let Some((scheme, _)) = text.split_once("://") {
+                    if !schemes.iter().any(|s| s.as_str() == Some(scheme)) {
+                        errors.push(format!("{path}: URL scheme {scheme} is not one of {schemes:?}"));
+                    }
+                }
+            }
+            if let Some(n) = node.get("hex_len").and_then(Value::as_u64) {
+                if text.len() as u64 != n || !text.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) {
+                    errors.push(format!("{path}: expected {n} lowercase hex characters"));
+                }
+            }
+        }
+        _ => {}
+    }
+}
+
+fn schema() -> Value {
+    serde_yaml::from_str(ISTIO_SCHEMA).expect("the embedded schema parses")
+}
+
+/// Schema problems of one manifest document (empty: valid).
+fn schema_errors(doc: &Value) -> Vec<String> {
+    let schema = schema();
+    let mut errors = Vec::new();
+    let (api, kind, name) = (s(doc, "apiVersion"), s(doc, "kind"), s(doc, "metadata.name"));
+    if api.is_empty() || kind.is_empty() {
+        errors.push("apiVersion and kind are required".into());
+    } else if !KNOWN_KINDS.contains(&(api, kind)) {
+        errors.push(format!("unknown kind {api}/{kind}"));
+    }
+    if kind != "Kustomization" && name.is_empty() {
+        errors.push(format!("{kind}: metadata.name is required"));
+    }
+    if let Some(spec_schema) = schema.get(kind) {
+        check(get(doc, "spec"), spec_schema, &schema["definitions"], &format!("{kind}/{name}.spec"), &mut errors);
+    }
+    errors
+}
+
+#[test]
+fn every_manifest_parses_names_a_known_kind_and_matches_its_schema() {
+    let docs = manifests();
+    let mut errors = Vec::new();
+    for (file, doc) in &docs {
+        errors.extend(schema_errors(doc).into_iter().map(|e| format!("{file}: {e}")));
+    }
+    assert!(errors.is_empty(), "manifest problems:\n{}", errors.join("\n"));
+    for kind in ["WasmPlugin", "EnvoyFilter", "VirtualService", "Deployment", "Service", "NetworkPolicy"] {
+        assert!(docs.iter().any(|(_, d)| s(d, "kind") == kind), "no {kind} in envoy/istio/");
+    }
+}
+
+#[test]
+fn the_schema_check_catches_what_the_crds_would_silently_drop_or_refuse() {
+    let bad: Value = serde_yaml::from_str(
+        r#"
+apiVersion: extensions.istio.io/v1alpha1
+kind: WasmPlugin
+metadata: { name: x }
+spec:
+  selector: { matchLabels: { istio: ingressgateway } }
+  targetRefs: [{ kind: Gateway, name: g }]
+  url: ftp://example.com/x.wasm
+  sha256: ABC
+  phase: AUTHENTICATION
+  failStrategy: FAIL_CLOSED
+  priorty: 10
+"#,
+    )
+    .unwrap();
+    let errors = schema_errors(&bad).join("\n");
+    for expected in ["at most one of", "URL scheme ftp", "hex characters", "phase", "failStrategy", "priorty: unknown field"] {
+        assert!(errors.contains(expected), "expected {expected:?} among:\n{errors}");
+    }
+    let no_url: Value = serde_yaml::from_str("apiVersion: extensions.istio.io/v1alpha1\nkind: WasmPlugin\nmetadata: {name: x}\nspec: {}\n").unwrap();
+    assert!(schema_errors(&no_url).join("\n").contains("missing required url"));
+    let unknown: Value = serde_yaml::from_str("apiVersion: networking.istio.io/v1alpha3\nkind: VirtualServce\nmetadata: {name: x}\n").unwrap();
+    assert!(schema_errors(&unknown).join("\n").contains("unknown kind"));
+    let vs: Value = serde_yaml::from_str(
+        "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: x}\nspec:\n  http:\n  - match: [{uri: {prefix: /a, exact: /a}}]\n    route: [{weight: 1}]\n",
+    )
+    .unwrap();
+    let errors = schema_errors(&vs).join("\n");
+    assert!(errors.contains("exactly one of") && errors.contains("missing required destination"), "{errors}");
+}
+
+fn find<'a>(docs: &'a [(String, Value)], kind: &str, name: &str) -> &'a Value {
+    docs.iter()
+        .map(|(_, d)| d)
+        .find(|d| s(d, "kind") == kind && s(d, "metadata.name") == name)
+        .unwrap_or_else(|| panic!("no {kind} {name} in envoy/istio/"))
+}
+
+/// The EnvoyFilter's cluster definitions by name.
+fn envoy_filter_clusters(docs: &[(String, Value)]) -> BTreeMap<String, Value> {
+    let ef = find(docs, "EnvoyFilter", "mcp-gateway");
+    get(ef, "spec.configPatches")
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .filter(|p| s(p, "applyTo") == "CLUSTER" && s(p, "patch.operation") == "ADD")
+        .map(|p| (s(p, "patch.value.name").to_string(), get(p, "patch.value").clone()))
+        .collect()
+}
+
+/// A cluster's single endpoint: (host, port).
+fn endpoint(cluster: &Value) -> (String, u64) {
+    let lb = &get(cluster, "load_assignment")["endpoints"][0]["lb_endpoints"][0];
+    let sa = get(lb, "endpoint.address.socket_address");
+    (s(sa, "address").to_string(), get(sa, "port_value").as_u64().unwrap_or(0))
+}
+
+/// `name.namespace.svc.cluster.local` → the Service's ports.
+fn service_ports(docs: &[(String, Value)], host: &str) -> Vec<u64> {
+    let mut parts = host.split('.');
+    let (name, ns) = (parts.next().unwrap(), parts.next().unwrap_or(""));
+    assert!(host.ends_with(".svc.cluster.local"), "{host}: expected a cluster-local Service name");
+    let svc = find(docs, "Service", name);
+    assert_eq!(s(svc, "metadata.namespace"), ns, "{host}");
+    get(svc, "spec.ports").as_sequence().unwrap().iter().filter_map(|p| get(p, "port").as_u64()).collect()
+}
+
+#[test]
+fn the_manifests_agree_with_each_other_and_with_the_filter() {
+    let docs = manifests();
+    let plugin = find(&docs, "WasmPlugin", "mcp-gateway");
+    assert_eq!(s(plugin, "spec.phase"), "AUTHN");
+    assert_eq!(s(plugin, "spec.failStrategy"), "FAIL_CLOSE");
+    assert_eq!(get(plugin, "spec.selector.matchLabels.istio").as_str(), Some("ingressgateway"));
+
+    // The plugin configuration is one the filter itself accepts, once the
+    // secret placeholder is filled; the placeholder is no secret.
+    let config = get(plugin, "spec.pluginConfig");
+    assert!(s(config, "snapshot_secret").starts_with("${") && s(config, "snapshot_secret").ends_with('}'), "the snapshot secret must be a placeholder");
+    let filled = serde_json::to_string(config).unwrap().replace("${MCP_SNAPSHOT_SECRET}", "validate-only-not-a-secret-0123456789");
+    let parsed = mcp_filter_core::config::PluginConfig::parse(filled.as_bytes()).unwrap_or_else(|e| panic!("the filter refuses the WasmPlugin's pluginConfig: {e}"));
+
+    // The clusters the filter calls and the audit log's cluster exist, and
+    // point at the control plane's listeners.
+    let clusters = envoy_filter_clusters(&docs);
+    let cp = find(&docs, "Deployment", "mcp-control-plane");
+    let container = &get(cp, "spec.template.spec.containers")[0];
+    let cm = find(&docs, "ConfigMap", "mcp-control-plane");
+    let listen_port = |var: &str| s(cm, &format!("data.{var}")).rsplit(':').next().unwrap().parse::<u64>().unwrap();
+    for (cluster, var) in [(&parsed.snapshot_cluster, "MCP_INTERNAL_ADDR"), (&parsed.ratelimit_cluster, "MCP_GRPC_ADDR"), (&"mcp_audit".to_string(), "MCP_GRPC_ADDR")] {
+        let def = clusters.get(cluster).unwrap_or_else(|| panic!("the EnvoyFilter does not define cluster {cluster}"));
+        let (host, port) = endpoint(def);
+        assert_eq!(port, listen_port(var), "cluster {cluster} must reach {var}");
+        assert!(service_ports(&docs, &host).contains(&port), "cluster {cluster}: {host} has no port {port}");
+        let container_ports: Vec<u64> = get(container, "ports").as_sequence().unwrap().iter().filter_map(|p| get(p, "containerPort").as_u64()).collect();
+        assert!(container_ports.contains(&port), "the control plane does not expose {port}");
+    }
+    for grpc in [&parsed.ratelimit_cluster, &"mcp_audit".to_string()] {
+        let h2 = get(&clusters[grpc.as_str()], "typed_extension_protocol_options");
+        assert!(serde_yaml::to_string(h2).unwrap().contains("http2_protocol_options"), "{grpc} must speak HTTP/2");
+    }
+    let ef = serde_yaml::to_string(find(&docs, "EnvoyFilter", "mcp-gateway")).unwrap();
+    assert!(ef.contains("filter_state_objects_to_log") && ef.contains("wasm.mcp_audit") && ef.contains("cluster_name: mcp_audit"));
+
+    // Routes: /internal answered by the gateway itself, the token API to
+    // the control plane's API port, nothing else to the control plane.
+    let vs = find(&docs, "VirtualService", "infrabox");
+    let routes = get(vs, "spec.http").as_sequence().unwrap();
+    let internal = routes.iter().position(|r| get(r, "match").as_sequence().is_some_and(|m| m.iter().any(|m| s(m, "uri.prefix") == "/internal"))).expect("an /internal route");
+    assert!(get(&routes[internal], "directResponse.status").as_u64() == Some(404) && get(&routes[internal], "route").is_null());
+    assert_eq!(get(&routes[internal], "match")[0]["ignoreUriCase"].as_bool(), Some(true));
+    let tokens = routes.iter().position(|r| s(r, "name") == "mcp-token-api").expect("the token API route");
+    assert!(internal < tokens, "/internal must be matched first");
+    let uris: Vec<String> = get(&routes[tokens], "match").as_sequence().unwrap().iter().map(|m| serde_yaml::to_string(get(m, "uri")).unwrap()).collect();
+    assert_eq!(uris, vec!["exact: /api/v1/mcp/tokens\n".to_string(), "prefix: /api/v1/mcp/tokens/\n".to_string()]);
+    let dest = &get(&routes[tokens], "route")[0]["destination"];
+    assert_eq!(get(dest, "port.number").as_u64(), Some(listen_port("MCP_HTTP_ADDR")));
+    assert!(service_ports(&docs, s(dest, "host")).contains(&listen_port("MCP_HTTP_ADDR")));
+    for (i, r) in routes.iter().enumerate().filter(|(i, _)| *i != tokens) {
+        assert!(!serde_yaml::to_string(r).unwrap().contains("mcp-control-plane"), "route {i} reaches the control plane");
+    }
+
+    // The control plane: secrets only by reference, probes on /healthz of
+    // the internal listener, non-root.
+    for env in get(container, "env").as_sequence().unwrap() {
+        assert!(get(env, "value").is_null() && !get(env, "valueFrom.secretKeyRef.name").is_null(), "{env:?}: secrets come from a Secret");
+    }
+    for var in ["DATABASE_URL", "MCP_SNAPSHOT_SECRET", "MCP_CREDENTIAL_KEY", "REDIS_URL"] {
+        assert!(get(container, "env").as_sequence().unwrap().iter().any(|e| s(e, "name") == var), "{var} is not set");
+        assert!(get(cm, &format!("data.{var}")).is_null(), "{var} must not be in the ConfigMap");
+    }
+    for probe in ["readinessProbe", "livenessProbe"] {
+        assert_eq!(s(container, &format!("{probe}.httpGet.path")), "/healthz");
+        assert_eq!(s(container, &format!("{probe}.httpGet.port")), "http-internal");
+    }
+    assert_eq!(get(cp, "spec.template.spec.securityContext.runAsNonRoot").as_bool(), Some(true));
+    assert!(!docs.iter().any(|(_, d)| s(d, "kind") == "Secret"), "no Secret manifests: secrets are created by the operator");
+
+    // kustomization.yaml lists every manifest but the WasmPlugin (rendered
+    // with the secret at apply time).
+    let k = docs.iter().map(|(_, d)| d).find(|d| s(d, "kind") == "Kustomization").unwrap();
+    let listed: Vec<&str> = get(k, "resources").as_sequence().unwrap().iter().filter_map(Value::as_str).collect();
+    let mut files: Vec<String> = docs.iter().map(|(f, _)| f.clone()).filter(|f| f != "kustomization.yaml" && f != "wasm-plugin.yaml").collect();
+    files.dedup();
+    assert_eq!(listed, files.iter().map(String::as_str).collect::<Vec<_>>());
+}
+
+#[test]
+fn no_secret_material_in_manifests_or_image_files() {
+    let mut files: Vec<PathBuf> = Vec::new();
+    for dir in ["envoy/istio", "docker"] {
+        files.extend(std::fs::read_dir(repo_root().join(dir)).unwrap().flatten().map(|e| e.path()));
+    }
+    files.push(repo_root().join("scripts/build-images.sh"));
+    for f in files {
+        let text = std::fs::read_to_string(&f).unwrap();
+        assert!(!text.contains("PRIVATE KEY"), "{} holds a private key", f.display());
+        // A 32-byte key in hex, as MCP_CREDENTIAL_KEY takes it.
+        let hex_run = text.split(|c: char| !c.is_ascii_hexdigit()).any(|w| w.len() >= 64);
+        assert!(!hex_run, "{} holds what looks like a key", f.display());
+    }
+}
+
+/// Deep merge as Istio's MERGE applies it to a protobuf: maps merge, lists
+/// append, scalars replace.
+fn merge(base: &mut Value, patch: &Value) {
+    match (base, patch) {
+        (Value::Mapping(b), Value::Mapping(p)) => {
+            for (k, v) in p {
+                match b.get_mut(k) {
+                    Some(existing) => merge(existing, v),
+                    None => {
+                        b.insert(k.clone(), v.clone());
+                    }
+                }
+            }
+        }
+        (Value::Sequence(b), Value::Sequence(p)) => b.extend(p.iter().cloned()),
+        (b, p) => *b = p.clone(),
+    }
+}
+
+#[test]
+fn the_istio_envoy_fragments_validate_with_the_filter_on_every_installed_envoy() {
+    let docs = manifests();
+    let clusters: Vec<Value> = envoy_filter_clusters(&docs).into_values().collect();
+    let ef = find(&docs, "EnvoyFilter", "mcp-gateway");
+    let hcm_patch = get(ef, "spec.configPatches")
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .find(|p| s(p, "applyTo") == "NETWORK_FILTER" && s(p, "patch.operation") == "MERGE")
+        .map(|p| get(p, "patch.value.typed_config").clone())
+        .expect("the HCM patch");
+    let plugin = find(&docs, "WasmPlugin", "mcp-gateway");
+    let plugin_config =
+        serde_json::to_string(get(plugin, "spec.pluginConfig")).unwrap().replace("${MCP_SNAPSHOT_SECRET}", "validate-only-not-a-secret-0123456789");
+    // The gateway's listener as Istio would shape it around the patches:
+    // the filter (what the WasmPlugin becomes) before the router.
+    let mut hcm: Value = serde_yaml::from_str(&format!(
+        r#"
+"@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+stat_prefix: gateway
+route_config:
+  virtual_hosts:
+  - name: all
+    domains: ["*"]
+    routes:
+    - match: {{ prefix: "/" }}
+      direct_response: {{ status: 200 }}
+http_filters:
+- name: mcp_gateway
+  typed_config:
+    "@type": type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm
+    config:
+      name: mcp_gateway
+      root_id: {root_id}
+      failure_policy: FAIL_CLOSED
+      configuration:
+        "@type": type.googleapis.com/google.protobuf.StringValue
+        value: '{plugin_config}'
+      vm_config:
+        runtime: envoy.wasm.runtime.v8
+        code: {{ local: {{ filename: "{wasm}" }} }}
+- name: envoy.filters.http.router
+  typed_config:
+    "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router
+"#,
+        root_id = s(plugin, "spec.pluginName"),
+        wasm = wasm_path().display(),
+    ))
+    .unwrap();
+    merge(&mut hcm, &hcm_patch);
+    let mut bootstrap = Mapping::new();
+    bootstrap.insert("node".into(), serde_yaml::from_str("{ id: validate, cluster: istio-ingressgateway }").unwrap());
+    let listener: Value = serde_yaml::from_str(
+        "name: gateway\naddress: { socket_address: { address: 127.0.0.1, port_value: 18443 } }\nfilter_chains: [{ filters: [{ name: envoy.filters.network.http_connection_manager }] }]",
+    )
+    .unwrap();
+    let mut listener = listener;
+    listener["filter_chains"][0]["filters"][0]["typed_config"] = hcm;
+    let mut resources = Mapping::new();
+    resources.insert("listeners".into(), Value::Sequence(vec![listener]));
+    resources.insert("clusters".into(), Value::Sequence(clusters));
+    bootstrap.insert("static_resources".into(), Value::Mapping(resources));
+    let yaml = serde_yaml::to_string(&Value::Mapping(bootstrap)).unwrap();
+    for (version, bin) in installed_envoys() {
+        let (ok, out) = validate(&bin, &format!("istio-{version}"), &yaml);
+        assert!(ok, "the Istio fragments do not validate on Envoy {version}:\n{out}\n---\n{yaml}");
+    }
+}
