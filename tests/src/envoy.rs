@@ -269,35 +269,13 @@ impl Envoy {
 
     /// GET on the admin listener: (status, body).
     pub fn admin_get(&self, path: &str) -> Result<(u16, String)> {
-        let mut s = TcpStream::connect_timeout(&self.admin, Duration::from_secs(2))?;
-        s.set_read_timeout(Some(Duration::from_secs(5)))?;
-        write!(s, "GET {path} HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n")?;
-        let mut raw = Vec::new();
-        s.read_to_end(&mut raw)?;
-        let text = String::from_utf8_lossy(&raw);
-        let status = text.get(9..12).and_then(|s| s.parse().ok()).unwrap_or(0);
-        let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
-        let chunked = head.lines().any(|l| {
-            l.split_once(':')
-                .is_some_and(|(k, v)| k.eq_ignore_ascii_case("transfer-encoding") && v.trim().eq_ignore_ascii_case("chunked"))
-        });
-        let body = if chunked { dechunk(body) } else { body.to_string() };
-        Ok((status, body))
+        admin_get(self.admin, path)
     }
 
     /// A counter or gauge by exact name (`wasmcustom.` prefix included for
     /// the filter's own metrics), summed if it appears more than once.
     pub fn stat(&self, name: &str) -> Option<u64> {
-        let (_, body) = self.admin_get(&format!("/stats?filter=^{}$", name.replace('.', "\\."))).ok()?;
-        let mut found = None;
-        for line in body.lines() {
-            if let Some((k, v)) = line.split_once(": ") {
-                if k == name {
-                    *found.get_or_insert(0) += v.trim().parse::<u64>().unwrap_or(0);
-                }
-            }
-        }
-        found
+        admin_stat(self.admin, name)
     }
 
     /// Waits until `stat(name) >= at_least`.
@@ -320,6 +298,39 @@ impl Envoy {
             Runner::Container(c) => c.stop(Duration::from_secs(3)),
         }
     }
+}
+
+/// GET on an Envoy admin listener: (status, body), de-chunked.
+pub fn admin_get(admin: SocketAddr, path: &str) -> Result<(u16, String)> {
+    let mut s = TcpStream::connect_timeout(&admin, Duration::from_secs(2))?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    write!(s, "GET {path} HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n")?;
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw)?;
+    let text = String::from_utf8_lossy(&raw);
+    let status = text.get(9..12).and_then(|s| s.parse().ok()).unwrap_or(0);
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let chunked = head.lines().any(|l| {
+        l.split_once(':')
+            .is_some_and(|(k, v)| k.eq_ignore_ascii_case("transfer-encoding") && v.trim().eq_ignore_ascii_case("chunked"))
+    });
+    let body = if chunked { dechunk(body) } else { body.to_string() };
+    Ok((status, body))
+}
+
+/// A stat of the Envoy behind `admin` by exact name, summed if it appears
+/// more than once (one per worker VM for the filter's own metrics).
+pub fn admin_stat(admin: SocketAddr, name: &str) -> Option<u64> {
+    let (_, body) = admin_get(admin, &format!("/stats?filter=^{}$", name.replace('.', "\\."))).ok()?;
+    let mut found = None;
+    for line in body.lines() {
+        if let Some((k, v)) = line.split_once(": ") {
+            if k == name {
+                *found.get_or_insert(0) += v.trim().parse::<u64>().unwrap_or(0);
+            }
+        }
+    }
+    found
 }
 
 /// Decodes a complete chunked body (the admin listener answers chunked).

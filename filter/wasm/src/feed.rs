@@ -27,7 +27,9 @@ use crate::request::{self, HeldRequest, McpRequest};
 const BACKOFF_MIN_MS: i64 = 250;
 /// How long after a callout's deadline the watchdog steps in.
 const WATCHDOG_GRACE_MS: i64 = 5;
-const BACKOFF_MAX_MS: i64 = 10_000;
+/// Longest wait between polls while the control plane is away: short, so a
+/// revocation made while it was down reaches the edge soon after it is back.
+const BACKOFF_MAX_MS: i64 = 2_000;
 
 /// State shared by the root context and every request context of a VM.
 #[derive(Default)]

@@ -2,7 +2,6 @@
 //! shipped (the filter on), one identical but without the filter (the
 //! baseline), both pointed at the same fast upstream, one worker each.
 
-use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::Path;
 use std::process::Command;
@@ -10,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
-use crate::envoy::{dechunk, envoy_bin};
+use crate::envoy::{admin_get, admin_stat, envoy_bin};
 use crate::ports::free_port;
 use crate::process::ManagedProcess;
 use crate::scratch::fresh_dir;
@@ -91,7 +90,7 @@ impl BenchEnvoy {
         };
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            if let Ok((200, body)) = e.admin_get("/ready") {
+            if let Ok((200, body)) = admin_get(e.admin, "/ready") {
                 if body.contains("LIVE") && TcpStream::connect(e.listen).is_ok() {
                     return Ok(e);
                 }
@@ -103,32 +102,9 @@ impl BenchEnvoy {
         }
     }
 
-    /// GET on the admin listener.
-    pub fn admin_get(&self, path: &str) -> Result<(u16, String)> {
-        let mut s = TcpStream::connect_timeout(&self.admin, Duration::from_secs(2))?;
-        s.set_read_timeout(Some(Duration::from_secs(10)))?;
-        write!(s, "GET {path} HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n")?;
-        let mut raw = Vec::new();
-        s.read_to_end(&mut raw)?;
-        let text = String::from_utf8_lossy(&raw);
-        let status = text.get(9..12).and_then(|s| s.parse().ok()).unwrap_or(0);
-        let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
-        let chunked = head.to_ascii_lowercase().contains("transfer-encoding: chunked");
-        Ok((status, if chunked { dechunk(body) } else { body.to_string() }))
-    }
-
     /// A stat by exact name, summed over its occurrences.
     pub fn stat(&self, name: &str) -> Option<u64> {
-        let (_, body) = self.admin_get(&format!("/stats?filter=^{}$", name.replace('.', "\\."))).ok()?;
-        let mut found = None;
-        for line in body.lines() {
-            if let Some((k, v)) = line.split_once(": ") {
-                if k == name {
-                    *found.get_or_insert(0) += v.trim().parse::<u64>().unwrap_or(0);
-                }
-            }
-        }
-        found
+        admin_stat(self.admin, name)
     }
 
     /// Waits until `check(stat)` holds.
