@@ -109,13 +109,14 @@ mod tests {
     use super::*;
 
     #[test]
-    fn body_is_json_with_escaping() {
+    fn body_is_json_with_escaping() -> Result<(), serde_json::Error> {
         let d = Denial::new(ErrorCode::InvalidToken, "bad \"token\"");
-        let v: serde_json::Value = serde_json::from_str(&d.body("r\n1")).unwrap();
+        let v: serde_json::Value = serde_json::from_str(&d.body("r\n1"))?;
         assert_eq!(v["error"], "invalid_token");
         assert_eq!(v["message"], "bad \"token\"");
         assert_eq!(v["request_id"], "r\n1");
         assert_eq!(d.status(), 401);
-        assert_eq!(d.headers[0].0, "www-authenticate");
+        assert_eq!(d.headers.first().map(|h| h.0), Some("www-authenticate"));
+        Ok(())
     }
 }

@@ -194,119 +194,131 @@ mod tests {
         token::mint(&[n; 24])
     }
 
-    fn policy() -> Policy {
-        let t = |n: u8, trigger: bool, projects: BTreeMap<String, Option<i64>>| SnapshotToken {
+    /// A test's outcome: a failed expectation is an `Err` with the reason.
+    type Outcome<T = ()> = Result<T, String>;
+    /// What the pipeline did with one request: forwarded or denied.
+    type Decided = Result<Forward, Denial>;
+
+    fn grant(n: u8, trigger: bool, projects: BTreeMap<String, Option<i64>>) -> SnapshotToken {
+        SnapshotToken {
             token_id: tok(n)[7..23].to_string(),
             token_hash: token::hash_hex(&tok(n)),
             user_id: "u1".into(),
             expires_at: 1_000,
             allow_trigger: trigger,
             projects,
-        };
+        }
+    }
+
+    /// User `u1` with a read credential `R` and, if given, a write credential.
+    fn compile(tokens: Vec<SnapshotToken>, write_credential: Option<&str>) -> Outcome<Policy> {
         Policy::compile(Snapshot {
             schema: SCHEMA,
             version: "v".into(),
             generated_at: 0,
             limits: Limits::default(),
-            tokens: vec![
-                t(1, false, BTreeMap::from([(PA.into(), None), (PB.into(), Some(500))])),
-                t(2, true, BTreeMap::from([(PA.into(), None)])),
-            ],
+            tokens,
             users: BTreeMap::from([(
                 "u1".into(),
-                SnapshotUser { read_credential: Some("R".into()), write_credential: Some("W".into()) },
+                SnapshotUser { read_credential: Some("R".into()), write_credential: write_credential.map(Into::into) },
             )]),
         })
-        .unwrap()
+        .map_err(|e| e.to_string())
     }
 
-    fn run(method: &str, path: &str, auth: &[&str], now: i64) -> Result<Forward, Denial> {
-        let p = policy();
+    fn policy() -> Outcome<Policy> {
+        compile(
+            vec![
+                grant(1, false, BTreeMap::from([(PA.into(), None), (PB.into(), Some(500))])),
+                grant(2, true, BTreeMap::from([(PA.into(), None)])),
+            ],
+            Some("W"),
+        )
+    }
+
+    fn run_with(p: &Policy, method: &str, path: &str, auth: &[&str], now: i64) -> Outcome<Decided> {
         let routes = RouteTable::default();
         let head = RequestHead { method, path, authorization: auth, cookie: &[] };
-        match admit(&head, Some(&p), &routes, now) {
-            Admission::Admitted(a) => authorize(&a, &p, &routes, now),
-            Admission::Deny(d) => Err(d),
-            Admission::PassThrough => panic!("pass through"),
+        match admit(&head, Some(p), &routes, now) {
+            Admission::Admitted(a) => Ok(authorize(&a, p, &routes, now)),
+            Admission::Deny(d) => Ok(Err(d)),
+            Admission::PassThrough => Err(format!("{method} {path} passed through")),
         }
     }
 
-    fn code(r: Result<Forward, Denial>) -> ErrorCode {
-        r.unwrap_err().code
+    fn run(method: &str, path: &str, auth: &[&str], now: i64) -> Outcome<Decided> {
+        run_with(&policy()?, method, path, auth, now)
+    }
+
+    fn denial(r: Outcome<Decided>) -> Outcome<Denial> {
+        match r? {
+            Err(d) => Ok(d),
+            Ok(f) => Err(format!("forwarded to {} instead of denied", f.path)),
+        }
+    }
+
+    fn code(r: Outcome<Decided>) -> Outcome<ErrorCode> {
+        denial(r).map(|d| d.code)
+    }
+
+    fn forwarded(r: Outcome<Decided>) -> Outcome<Forward> {
+        r?.map_err(|d| format!("denied ({}) instead of forwarded", d.code.as_str()))
     }
 
     #[test]
-    fn forwards_with_the_read_credential() {
+    fn forwards_with_the_read_credential() -> Outcome {
         let auth = format!("Bearer {}", tok(1));
-        let f = run("GET", &format!("/api/v1/mcp/projects/{PA}/builds?size=5"), &[&auth], 10).unwrap();
+        let f = forwarded(run("GET", &format!("/api/v1/mcp/projects/{PA}/builds?size=5"), &[&auth], 10))?;
         assert_eq!(f.path, format!("/api/v1/projects/{PA}/builds/?size=5"));
         assert_eq!(f.method, "GET");
         assert_eq!(f.credential.as_deref(), Some("R"));
+        Ok(())
     }
 
     #[test]
-    fn decision_order() {
+    fn decision_order() -> Outcome {
         let good = format!("Bearer {}", tok(1));
         let unknown = format!("Bearer {}", tok(9));
         // bad path wins over a bad token
-        assert_eq!(code(run("GET", "/api/v1/mcp/projects/%2e", &[&unknown], 10)), ErrorCode::BadPath);
-        assert_eq!(code(run("GET", "/api/v1/mcp/projects/NOTAUUID", &[&unknown], 10)), ErrorCode::BadPath);
+        assert_eq!(code(run("GET", "/api/v1/mcp/projects/%2e", &[&unknown], 10))?, ErrorCode::BadPath);
+        assert_eq!(code(run("GET", "/api/v1/mcp/projects/NOTAUUID", &[&unknown], 10))?, ErrorCode::BadPath);
         // a bad token wins over an unknown endpoint
-        assert_eq!(code(run("GET", "/api/v1/mcp/nope", &[&unknown], 10)), ErrorCode::InvalidToken);
-        assert_eq!(code(run("GET", "/api/v1/mcp/nope", &[&good], 10)), ErrorCode::UnknownEndpoint);
-        assert_eq!(code(run("GET", &format!("/api/v1/mcp/projects/{PA}/trigger"), &[&good], 10)), ErrorCode::MethodNotAllowed);
-        assert_eq!(code(run("POST", &format!("/api/v1/mcp/projects/{PA}/trigger"), &[&good], 10)), ErrorCode::WriteForbidden);
-        assert_eq!(code(run("GET", &format!("/api/v1/mcp/projects/{B1}"), &[&good], 10)), ErrorCode::ProjectForbidden);
-        assert_eq!(code(run("GET", &format!("/api/v1/mcp/projects/{PB}"), &[&good], 600)), ErrorCode::ProjectForbidden);
-        assert!(run("GET", &format!("/api/v1/mcp/projects/{PB}"), &[&good], 499).is_ok());
-        assert_eq!(code(run("GET", &format!("/api/v1/mcp/projects/{PA}"), &[&good], 1_000)), ErrorCode::InvalidToken);
+        assert_eq!(code(run("GET", "/api/v1/mcp/nope", &[&unknown], 10))?, ErrorCode::InvalidToken);
+        assert_eq!(code(run("GET", "/api/v1/mcp/nope", &[&good], 10))?, ErrorCode::UnknownEndpoint);
+        assert_eq!(code(run("GET", &format!("/api/v1/mcp/projects/{PA}/trigger"), &[&good], 10))?, ErrorCode::MethodNotAllowed);
+        assert_eq!(code(run("POST", &format!("/api/v1/mcp/projects/{PA}/trigger"), &[&good], 10))?, ErrorCode::WriteForbidden);
+        assert_eq!(code(run("GET", &format!("/api/v1/mcp/projects/{B1}"), &[&good], 10))?, ErrorCode::ProjectForbidden);
+        assert_eq!(code(run("GET", &format!("/api/v1/mcp/projects/{PB}"), &[&good], 600))?, ErrorCode::ProjectForbidden);
+        assert!(run("GET", &format!("/api/v1/mcp/projects/{PB}"), &[&good], 499)?.is_ok());
+        assert_eq!(code(run("GET", &format!("/api/v1/mcp/projects/{PA}"), &[&good], 1_000))?, ErrorCode::InvalidToken);
+        Ok(())
     }
 
     #[test]
-    fn write_uses_the_write_credential() {
+    fn write_uses_the_write_credential() -> Outcome {
         let auth = format!("Bearer {}", tok(2));
-        let f = run("POST", &format!("/api/v1/mcp/projects/{PA}/builds/{B1}/restart?x=1"), &[&auth], 10).unwrap();
+        let f = forwarded(run("POST", &format!("/api/v1/mcp/projects/{PA}/builds/{B1}/restart?x=1"), &[&auth], 10))?;
         assert_eq!(f.method, "GET");
         assert_eq!(f.path, format!("/api/v1/projects/{PA}/builds/{B1}/restart"));
         assert_eq!(f.credential.as_deref(), Some("W"));
+        Ok(())
     }
 
     #[test]
-    fn no_credential_no_forward() {
+    fn no_credential_no_forward() -> Outcome {
         // A user with a read credential only, and a token that may trigger.
-        let p = Policy::compile(Snapshot {
-            schema: SCHEMA,
-            version: "v2".into(),
-            generated_at: 0,
-            limits: Limits::default(),
-            tokens: vec![SnapshotToken {
-                token_id: tok(2)[7..23].to_string(),
-                token_hash: token::hash_hex(&tok(2)),
-                user_id: "u1".into(),
-                expires_at: 1_000,
-                allow_trigger: true,
-                projects: BTreeMap::from([(PA.into(), None)]),
-            }],
-            users: BTreeMap::from([("u1".into(), SnapshotUser { read_credential: Some("R".into()), write_credential: None })]),
-        })
-        .unwrap();
-        let routes = RouteTable::default();
+        let p = compile(vec![grant(2, true, BTreeMap::from([(PA.into(), None)]))], None)?;
         let auth = format!("Bearer {}", tok(2));
-        let run = |method: &str, path: &str| {
-            let head = RequestHead { method, path, authorization: &[&auth], cookie: &[] };
-            match admit(&head, Some(&p), &routes, 10) {
-                Admission::Admitted(a) => authorize(&a, &p, &routes, 10),
-                other => panic!("not admitted: {other:?}"),
-            }
-        };
-        let d = run("POST", &format!("/api/v1/mcp/projects/{PA}/trigger")).unwrap_err();
+        let d = denial(run_with(&p, "POST", &format!("/api/v1/mcp/projects/{PA}/trigger"), &[&auth], 10))?;
         assert_eq!(d.code, ErrorCode::UpstreamCredentialMissing);
         assert_eq!(d.status(), 503);
-        assert_eq!(run("GET", &format!("/api/v1/mcp/projects/{PA}")).unwrap().credential.as_deref(), Some("R"));
+        let f = forwarded(run_with(&p, "GET", &format!("/api/v1/mcp/projects/{PA}"), &[&auth], 10))?;
+        assert_eq!(f.credential.as_deref(), Some("R"));
+        Ok(())
     }
 
     #[test]
-    fn malformed_tokens_are_401() {
+    fn malformed_tokens_are_401() -> Outcome {
         let t = tok(1);
         for auth in [
             String::new(),
@@ -317,12 +329,13 @@ mod tests {
             format!("token {t}"),
         ] {
             let auth: Vec<&str> = if auth.is_empty() { vec![] } else { vec![&auth] };
-            let d = run("GET", &format!("/api/v1/mcp/projects/{PA}"), &auth, 10).unwrap_err();
+            let d = denial(run("GET", &format!("/api/v1/mcp/projects/{PA}"), &auth, 10))?;
             assert_eq!(d.code, ErrorCode::InvalidToken);
             assert!(!d.message.contains(&t[7..]), "message must not echo the token");
         }
         let a = format!("Bearer {t}");
-        assert_eq!(code(run("GET", &format!("/api/v1/mcp/projects/{PA}"), &[&a, &a], 10)), ErrorCode::InvalidToken);
+        assert_eq!(code(run("GET", &format!("/api/v1/mcp/projects/{PA}"), &[&a, &a], 10))?, ErrorCode::InvalidToken);
+        Ok(())
     }
 
     #[test]
@@ -331,8 +344,6 @@ mod tests {
         let t = tok(1);
         let auth = format!("bearer {t}");
         let cookie = format!("token={t}");
-        let head = |p: &'static str, a: &'static [&'static str], c: &'static [&'static str]| (p, a, c);
-        let _ = head;
         let cases: Vec<(&str, Vec<&str>, Vec<&str>, bool)> = vec![
             ("/api/v1/projects/x", vec![auth.as_str()], vec![], true),
             ("/api/v1/projects/x", vec![], vec![cookie.as_str()], true),
