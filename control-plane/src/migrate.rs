@@ -12,6 +12,7 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
     (1, "0001_mcp_tables", include_str!("../../migrations/0001_mcp_tables.sql")),
     (2, "0002_upstream_credentials", include_str!("../../migrations/0002_upstream_credentials.sql")),
     (3, "0003_audit", include_str!("../../migrations/0003_audit.sql")),
+    (4, "0004_token_change_payload", include_str!("../../migrations/0004_token_change_payload.sql")),
 ];
 
 /// Advisory lock key: "mcpmigr" in ASCII.

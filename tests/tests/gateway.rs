@@ -211,6 +211,80 @@ async fn revocation_reaches_the_edge_within_two_seconds() {
     assert!(delays[4] < Duration::from_secs(2));
 }
 
+/// The snapshot the control plane serves now: (version, token count).
+async fn served_snapshot(s: &Stack) -> (String, u64) {
+    let r = RawRequest::get("/v1/snapshot")
+        .header("authorization", &format!("Bearer {}", s.snapshot_secret))
+        .send(s.control_plane.internal_addr(), Duration::from_secs(10))
+        .await
+        .unwrap();
+    assert_eq!(r.status, 200);
+    let body: Value = serde_json::from_slice(&r.body).unwrap();
+    (body["version"].as_str().unwrap().to_owned(), body["token_count"].as_u64().unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revocation_patches_the_snapshot_to_what_a_full_rebuild_gives() {
+    // Full rebuilds every second, so one runs right after the patch.
+    let s = Stack::start(StackOptions {
+        control_plane_env: vec![
+            ("MCP_SCOPE_REFRESH_SECONDS".into(), "1".into()),
+            ("RUST_LOG".into(), "info,mcp_control_plane::snapshot=debug".into()),
+        ],
+        ..StackOptions::default()
+    })
+    .await
+    .unwrap();
+    let (user, projects) = s.user_with_projects("patty", 2).await.unwrap();
+    let path = format!("/api/v1/mcp/projects/{}", projects[0]);
+    // 300 tokens of 30 other users in one statement: more than a patch
+    // takes, so a rebuild.
+    sqlx::query(
+        r#"INSERT INTO "user" (id, username, email)
+           SELECT md5('bulkuser' || u)::uuid, 'bulk-' || u, 'bulk-' || u || '@example.test' FROM generate_series(0, 29) u"#,
+    )
+    .execute(&s.db)
+    .await
+    .unwrap();
+    sqlx::query(
+        "INSERT INTO mcp_token (token_id, token_hash, user_id, name, enabled_projects, expires_at)
+         SELECT lpad(to_hex(g), 16, '0'), encode(sha256(convert_to('bulk' || g, 'UTF8')), 'hex'),
+                md5('bulkuser' || (g % 30))::uuid, 'bulk', '{}'::jsonb, (now() AT TIME ZONE 'utc') + interval '30 days'
+         FROM generate_series(1, 300) g",
+    )
+    .execute(&s.db)
+    .await
+    .unwrap();
+    let (id, token) = s.create_token(user, json!({}), 30).await.unwrap();
+    s.wait_until_status(&token, &path, 200).await;
+    let (before, count) = served_snapshot(&s).await;
+    assert_eq!(count, 301);
+
+    let del = s.token_api(user, "DELETE", &format!("/api/v1/mcp/tokens/{id}"), None).await.unwrap();
+    assert!(del.status < 300, "{}", del.text());
+    s.wait_until_status(&token, &path, 401).await;
+    let (patched, count) = served_snapshot(&s).await;
+    assert_eq!(count, 300);
+    assert_ne!(patched, before);
+    let log = s.control_plane.log_contents();
+    let patch_line = log
+        .lines()
+        .filter(|l| l.contains("snapshot published") && l.contains("how=\"patch\""))
+        .find(|l| l.contains(&patched));
+    assert!(patch_line.is_some(), "the revocation was not published as a patch:\n{log}");
+
+    // Full rebuilds of the same rows come to the same content: nothing new is published.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert_eq!(served_snapshot(&s).await, (patched.clone(), 300));
+    let log = s.control_plane.log_contents();
+    // (The patched content equals the 300 bulk tokens alone, so its version
+    // was also published by the first rebuild: look after the patch.)
+    let after_patch = log.rsplit(&format!("version={patched} how=\"patch\"")).next().unwrap_or_default();
+    assert!(!after_patch.contains("snapshot published"), "a rebuild published different content:\n{after_patch}");
+    assert!(after_patch.len() < log.len());
+    assert!(after_patch.contains("snapshot unchanged") && after_patch.contains("how=\"rebuild\""), "no rebuild ran after the patch");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn last_good_snapshot_survives_a_control_plane_outage() {
     let mut s = Stack::start(StackOptions { snapshot_wait_seconds: 2, ..Default::default() }).await.unwrap();

@@ -216,15 +216,16 @@ impl UpstreamCredentials {
     }
 }
 
-/// Stored credentials of every user who has a live token (for the snapshot).
-pub async fn load_sealed(conn: &mut PgConnection) -> Result<Vec<SealedCredential>, sqlx::Error> {
-    let rows = sqlx::query(
-        "SELECT user_id, read_ciphertext, write_ciphertext FROM mcp_upstream_credential c \
+/// Stored credentials of every user who has a live token (for the snapshot),
+/// or of those in `only` among them (for a patch).
+pub async fn load_sealed(conn: &mut PgConnection, only: Option<&[Uuid]>) -> Result<Vec<SealedCredential>, sqlx::Error> {
+    let select = "SELECT user_id, read_ciphertext, write_ciphertext FROM mcp_upstream_credential c \
          WHERE EXISTS (SELECT 1 FROM mcp_token t WHERE t.user_id = c.user_id AND t.revoked_at IS NULL \
-                       AND t.expires_at > (now() AT TIME ZONE 'utc'))",
-    )
-    .fetch_all(conn)
-    .await?;
+                       AND t.expires_at > (now() AT TIME ZONE 'utc'))";
+    let rows = match only {
+        None => sqlx::query(select).fetch_all(conn).await?,
+        Some(users) => sqlx::query(&format!("{select} AND c.user_id = ANY($1)")).bind(users).fetch_all(conn).await?,
+    };
     let mut out = Vec::with_capacity(rows.len() * 2);
     for r in &rows {
         let user_id: Uuid = r.try_get("user_id")?;

@@ -1,11 +1,15 @@
 //! `SnapshotPublisher`: keeps the current snapshot in a `watch` channel
-//! (pre-serialized, so serving is a cheap clone) and rebuilds it on every
+//! (pre-serialized, so serving is a cheap clone) and updates it on every
 //! Postgres `NOTIFY mcp_snapshot_changed` and every refresh interval
-//! (collaborator drift). A new value is published only when the content
-//! version changes, which wakes the long-polls.
+//! (collaborator drift). A notification that names tokens (`token:<id>`)
+//! patches just those; any other, a burst of more than [`MAX_PATCH`]
+//! tokens, a reconnect and the refresh interval rebuild everything. A new
+//! value is published only when the content version changes, which wakes
+//! the long-polls.
 
-use std::sync::Arc;
-use std::time::Duration;
+use std::collections::BTreeSet;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use axum::body::Bytes;
 use mcp_filter_core::snapshot::Limits;
@@ -18,6 +22,27 @@ use crate::credential::cipher::CredentialCipher;
 
 /// Postgres channel the `mcp_token` trigger notifies.
 pub const CHANNEL: &str = "mcp_snapshot_changed";
+
+/// Most tokens one notification burst may patch; more rebuild everything.
+pub const MAX_PATCH: usize = 256;
+
+/// What the notifications since the last build asked for.
+#[derive(Debug, Default)]
+struct Pending {
+    full: bool,
+    tokens: BTreeSet<String>,
+}
+
+impl Pending {
+    fn note(&mut self, payload: &str) {
+        match payload.strip_prefix("token:") {
+            Some(id) if !id.is_empty() && self.tokens.len() <= MAX_PATCH => {
+                self.tokens.insert(id.to_owned());
+            }
+            _ => self.full = true,
+        }
+    }
+}
 
 /// A built snapshot, ready to serve.
 #[derive(Debug)]
@@ -37,33 +62,68 @@ pub struct SnapshotPublisher {
     limits: Limits,
     cipher: Arc<CredentialCipher>,
     tx: watch::Sender<Option<Arc<Published>>>,
+    /// The content last built (what patches apply to); `None` before the
+    /// first full build.
+    model: Mutex<Option<build::Model>>,
 }
 
 impl SnapshotPublisher {
     pub fn new(pool: PgPool, limits: Limits, cipher: Arc<CredentialCipher>) -> (Self, Current) {
         let (tx, rx) = watch::channel(None);
-        (Self { pool, limits, cipher, tx }, rx)
+        (Self { pool, limits, cipher, tx, model: Mutex::new(None) }, rx)
     }
 
     /// Rebuilds from the database; publishes if the version changed.
     pub async fn rebuild(&self) -> Result<(), sqlx::Error> {
-        let loaded = build::load(&self.pool).await?;
+        let started = Instant::now();
+        let loaded = build::load(&self.pool, None).await?;
+        let loaded_ms = started.elapsed().as_millis() as u64;
         let credentials = build::open_credentials(&loaded.credentials, &self.cipher);
-        let snap = build::assemble(
-            &loaded.tokens,
-            &loaded.collaborators,
-            &credentials,
-            &self.limits,
-            chrono::Utc::now().timestamp(),
-        );
-        let unchanged = self.tx.borrow().as_ref().is_some_and(|p| p.version == snap.version);
+        let model = build::Model::assemble(loaded, &credentials);
+        let result = self.publish(&model, "rebuild", started, loaded_ms);
+        if let Ok(mut m) = self.model.lock() {
+            *m = Some(model);
+        }
+        result
+    }
+
+    /// Re-reads only the tokens in `ids` and patches the last build; a full
+    /// rebuild when there is none yet.
+    pub async fn patch(&self, ids: &[String]) -> Result<(), sqlx::Error> {
+        let built = self.model.lock().map(|m| m.is_some()).unwrap_or(false);
+        if !built {
+            return self.rebuild().await;
+        }
+        let started = Instant::now();
+        let loaded = build::load(&self.pool, Some(ids)).await?;
+        let loaded_ms = started.elapsed().as_millis() as u64;
+        let credentials = build::open_credentials(&loaded.credentials, &self.cipher);
+        let mut guard = self.model.lock().map_err(|_| sqlx::Error::Protocol("snapshot model lock poisoned".into()))?;
+        let Some(model) = guard.as_mut() else { return Ok(()) };
+        model.patch(ids, loaded, &credentials);
+        self.publish(model, "patch", started, loaded_ms)
+    }
+
+    fn publish(&self, model: &build::Model, how: &'static str, started: Instant, loaded_ms: u64) -> Result<(), sqlx::Error> {
+        let serialization = |e: serde_json::Error| sqlx::Error::Protocol(format!("snapshot serialization: {e}"));
+        let version = model.content_version(&self.limits).map_err(serialization)?;
+        let unchanged = self.tx.borrow().as_ref().is_some_and(|p| p.version == version);
         if unchanged {
-            tracing::debug!(version = %snap.version, "snapshot unchanged");
+            tracing::debug!(%version, how, "snapshot unchanged");
             return Ok(());
         }
-        let body = serde_json::to_vec(&snap).map_err(|e| sqlx::Error::Protocol(format!("snapshot serialization: {e}")))?;
-        let published = Published { version: snap.version, token_count: snap.tokens.len(), body: Bytes::from(body) };
-        tracing::info!(version = %published.version, tokens = published.token_count, users = snap.users.len(), "snapshot published");
+        let body = model.render(&self.limits, &version, chrono::Utc::now().timestamp()).map_err(serialization)?;
+        let published = Published { version, token_count: model.token_count(), body: Bytes::from(body) };
+        tracing::info!(
+            version = %published.version,
+            how,
+            tokens = published.token_count,
+            users = model.user_count(),
+            bytes = published.body.len(),
+            loaded_ms,
+            total_ms = started.elapsed().as_millis() as u64,
+            "snapshot published"
+        );
         self.tx.send_replace(Some(Arc::new(published)));
         Ok(())
     }
@@ -72,7 +132,8 @@ impl SnapshotPublisher {
     /// coalesce), after every (re)connect of the listener, and periodically.
     pub async fn run(self, refresh: Duration, mut shutdown: watch::Receiver<bool>) {
         let wake = Arc::new(Notify::new());
-        let listener = tokio::spawn(listen(self.pool.clone(), wake.clone(), shutdown.clone()));
+        let pending = Arc::new(Mutex::new(Pending::default()));
+        let listener = tokio::spawn(listen(self.pool.clone(), wake.clone(), pending.clone(), shutdown.clone()));
         let mut tick = tokio::time::interval(refresh);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut failing = false;
@@ -84,16 +145,29 @@ impl SnapshotPublisher {
                     std::future::pending::<()>().await
                 }
             };
-            tokio::select! {
-                _ = wake.notified() => {}
-                _ = tick.tick() => {}
-                _ = retry => {}
+            let mut full = tokio::select! {
+                _ = wake.notified() => false,
+                _ = tick.tick() => true,
+                _ = retry => true,
                 _ = shutdown.changed() => break,
-            }
+            };
             if *shutdown.borrow() {
                 break;
             }
-            match self.rebuild().await {
+            let asked = pending.lock().map(|mut p| std::mem::take(&mut *p)).unwrap_or_default();
+            full |= asked.full || asked.tokens.len() > MAX_PATCH;
+            let mut result = Ok(());
+            if !asked.tokens.is_empty() && asked.tokens.len() <= MAX_PATCH {
+                // The named tokens first (a revocation is out in
+                // milliseconds), then the rest if anything else changed.
+                let ids: Vec<String> = asked.tokens.into_iter().collect();
+                result = self.patch(&ids).await;
+                full |= result.is_err();
+            }
+            if full {
+                result = self.rebuild().await;
+            }
+            match result {
                 Ok(()) => failing = false,
                 Err(e) => {
                     if !failing {
@@ -110,7 +184,12 @@ impl SnapshotPublisher {
 
 /// Listens for notifications; reconnects with backoff. Each notification
 /// (after draining any already buffered) and each (re)connect wakes the builder.
-async fn listen(pool: PgPool, wake: Arc<Notify>, mut shutdown: watch::Receiver<bool>) {
+async fn listen(pool: PgPool, wake: Arc<Notify>, pending: Arc<Mutex<Pending>>, mut shutdown: watch::Receiver<bool>) {
+    let note = |payload: &str| {
+        if let Ok(mut p) = pending.lock() {
+            p.note(payload);
+        }
+    };
     let mut backoff = Duration::from_millis(200);
     loop {
         let connected = async {
@@ -136,12 +215,16 @@ async fn listen(pool: PgPool, wake: Arc<Notify>, mut shutdown: watch::Receiver<b
         tracing::info!("listening for {CHANNEL}");
         backoff = Duration::from_millis(200);
         // Changes made while we were not listening are picked up now.
+        note("");
         wake.notify_one();
         loop {
             tokio::select! {
                 r = listener.try_recv() => match r {
-                    Ok(Some(_)) => {
-                        while listener.next_buffered().is_some() {}
+                    Ok(Some(n)) => {
+                        note(n.payload());
+                        while let Some(n) = listener.next_buffered() {
+                            note(n.payload());
+                        }
                         wake.notify_one();
                     }
                     Ok(None) => {
@@ -156,5 +239,32 @@ async fn listen(pool: PgPool, wake: Arc<Notify>, mut shutdown: watch::Receiver<b
                 _ = shutdown.changed() => return,
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn notifications_name_tokens_or_ask_for_everything() {
+        let mut p = Pending::default();
+        p.note("token:00000000000000aa");
+        p.note("token:00000000000000aa");
+        p.note("token:00000000000000bb");
+        assert!(!p.full);
+        assert_eq!(p.tokens.len(), 2);
+        p.note("");
+        assert!(p.full);
+        let mut p = Pending::default();
+        p.note("token:");
+        assert!(p.full);
+        // A burst past the patch limit stops collecting and rebuilds.
+        let mut p = Pending::default();
+        for i in 0..MAX_PATCH + 10 {
+            p.note(&format!("token:{i:016x}"));
+        }
+        assert!(p.full);
+        assert_eq!(p.tokens.len(), MAX_PATCH + 1);
     }
 }

@@ -11,7 +11,8 @@ use std::hint::black_box;
 
 use mcp_filter_core::pipeline::{admit, authorize, Admission, RequestHead};
 use mcp_filter_core::route::RouteTable;
-use mcp_filter_core::snapshot::{Limits, Policy, Snapshot, SnapshotToken, SnapshotUser, SCHEMA};
+use mcp_filter_core::policy::Policy;
+use mcp_filter_core::snapshot::{Limits, Snapshot, SnapshotToken, SnapshotUser, SCHEMA};
 use mcp_filter_core::token;
 
 const PROJECT: &str = "0b7a4c2e-1f3d-4c5b-9a8e-7d6c5b4a3f21";
@@ -46,7 +47,7 @@ fn policy(tokens: u32) -> Policy {
             .map(|u| (format!("user-{u}"), SnapshotUser { read_credential: Some(format!("cred-{u}")), write_credential: None }))
             .collect(),
     };
-    match Policy::compile(snapshot) {
+    match Policy::compile(&snapshot) {
         Ok(p) => p,
         Err(e) => {
             eprintln!("{e}");

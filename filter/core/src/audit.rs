@@ -19,7 +19,7 @@ use crate::denial::{Denial, ErrorCode};
 use crate::path::{self, Area};
 use crate::pipeline::RequestHead;
 use crate::route::{Class, Lookup, RouteTable};
-use crate::snapshot::Policy;
+use crate::policy::Policy;
 use crate::token::{Token, PREFIX, SECRET_HEX_LEN};
 
 /// Current schema version of [`AuditRecord`].
@@ -422,7 +422,7 @@ mod tests {
     }
 
     fn policy() -> Policy {
-        Policy::compile(Snapshot {
+        Policy::compile(&Snapshot {
             schema: SNAPSHOT_SCHEMA,
             version: "v".into(),
             generated_at: 0,

@@ -9,6 +9,7 @@ pub mod credential;
 pub mod path;
 pub mod route;
 pub mod snapshot;
+pub mod policy;
 pub mod token;
 pub mod denial;
 pub mod pipeline;

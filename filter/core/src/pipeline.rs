@@ -13,7 +13,7 @@ use crate::credential::{self, Bearer};
 use crate::denial::{Denial, ErrorCode};
 use crate::path::{self, Area};
 use crate::route::{Class, Kind, Lookup, Params, RouteTable, Shaping};
-use crate::snapshot::Policy;
+use crate::policy::Policy;
 use crate::token::Token;
 
 /// What the pipeline reads of a request.
@@ -125,7 +125,7 @@ fn authenticate(authorization: &[&str], policy: &Policy, now: i64) -> Result<u32
         .grant_by_hash(&token.hash())
         .filter(|(_, g)| g.token_id() == token.token_id())
         .ok_or_else(|| invalid("unknown or revoked token"))?;
-    if grant.expires_at <= now {
+    if grant.expires_at() <= now {
         return Err(invalid("token expired"));
     }
     Ok(ix)
@@ -136,7 +136,7 @@ pub fn authorize(admitted: &Admitted, policy: &Policy, routes: &RouteTable, now:
     let grant = policy
         .grant(admitted.grant)
         .ok_or_else(|| Denial::new(ErrorCode::InvalidToken, "unknown or revoked token"))?;
-    if grant.expires_at <= now {
+    if grant.expires_at() <= now {
         return Err(Denial::new(ErrorCode::InvalidToken, "token expired"));
     }
     let route = routes
@@ -149,7 +149,7 @@ pub fn authorize(admitted: &Admitted, policy: &Policy, routes: &RouteTable, now:
             None => return Err(Denial::new(ErrorCode::ProjectForbidden, "this token may not access this project")),
         }
     }
-    if route.kind() == Kind::Write && !grant.allow_trigger {
+    if route.kind() == Kind::Write && !grant.allow_trigger() {
         return Err(Denial::new(ErrorCode::WriteForbidden, "this token may not trigger, restart, rerun or abort"));
     }
     let user = policy.user(grant.user);
@@ -212,7 +212,7 @@ mod tests {
 
     /// User `u1` with a read credential `R` and, if given, a write credential.
     fn compile(tokens: Vec<SnapshotToken>, write_credential: Option<&str>) -> Outcome<Policy> {
-        Policy::compile(Snapshot {
+        Policy::compile(&Snapshot {
             schema: SCHEMA,
             version: "v".into(),
             generated_at: 0,

@@ -104,12 +104,42 @@ pub fn is_token_id(s: &str) -> bool {
 
 /// Parses a lowercase 64-hex SHA-256.
 pub fn parse_hash_hex(s: &str) -> Option<TokenHash> {
-    if s.len() != 64 || !s.bytes().all(is_lower_hex) {
+    parse_hash_hex_bytes(s.as_bytes())
+}
+
+/// Value of each byte as a lowercase hex digit; `0xff` for any other byte.
+// Evaluated at compile time: an index out of range fails the build, never a request.
+#[allow(clippy::indexing_slicing)]
+const NIBBLE: [u8; 256] = {
+    let mut t = [0xffu8; 256];
+    let mut i = 0;
+    while i < 10 {
+        t[b'0' as usize + i] = i as u8;
+        i += 1;
+    }
+    let mut i = 0;
+    while i < 6 {
+        t[b'a' as usize + i] = 10 + i as u8;
+        i += 1;
+    }
+    t
+};
+
+/// Parses a lowercase 64-hex SHA-256 given as bytes: one branch-free pass
+/// that validates and decodes (snapshots carry 100 000 of these).
+pub fn parse_hash_hex_bytes(s: &[u8]) -> Option<TokenHash> {
+    if s.len() != 64 {
         return None;
     }
     let mut out = [0u8; 32];
-    hex::decode_to_slice(s, &mut out).ok()?;
-    Some(out)
+    let mut invalid = 0u8;
+    for (byte, pair) in out.iter_mut().zip(s.chunks_exact(2)) {
+        let nib = |i: usize| pair.get(i).map_or(0xff, |b| NIBBLE.get(usize::from(*b)).copied().unwrap_or(0xff));
+        let (hi, lo) = (nib(0), nib(1));
+        invalid |= hi | lo;
+        *byte = (hi << 4) | (lo & 0x0f);
+    }
+    (invalid & 0xf0 == 0).then_some(out)
 }
 
 fn is_lower_hex(b: u8) -> bool {
@@ -156,5 +186,23 @@ mod tests {
         assert!(is_token_id(parsed.token_id()));
         assert_eq!(parse_hash_hex(&hash_hex(&t)), Some(hash(&t)));
         assert_eq!(parse_hash_hex("ABC"), None);
+    }
+
+    #[test]
+    fn hash_hex_decodes_every_digit_and_refuses_anything_else() {
+        let all: String = "0123456789abcdef".repeat(4);
+        let want: Vec<u8> = [0x01, 0x23, 0x45, 0x67, 0x89, 0xab, 0xcd, 0xef].repeat(4);
+        assert_eq!(parse_hash_hex(&all).map(|h| h.to_vec()), Some(want));
+        for (i, bad) in ["A", "g", "G", " ", "\u{0}", "/", ":", "`", "{"].iter().enumerate() {
+            let mut s = all.clone();
+            let at = (i * 7) % 63;
+            s.replace_range(at..at + 1, bad);
+            if s.len() == 64 {
+                assert_eq!(parse_hash_hex(&s), None, "{s:?}");
+            }
+        }
+        assert_eq!(parse_hash_hex(&all[..63]), None);
+        assert_eq!(parse_hash_hex_bytes(&[b'0'; 65]), None);
+        assert_eq!(parse_hash_hex_bytes(&[0xff; 64]), None);
     }
 }

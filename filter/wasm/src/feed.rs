@@ -14,7 +14,7 @@ use std::rc::Rc;
 use std::time::Duration;
 
 use mcp_filter_core::config::PluginConfig;
-use mcp_filter_core::snapshot::Policy;
+use mcp_filter_core::policy::Policy;
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::ContextType;
@@ -151,13 +151,10 @@ impl Root {
 
     fn apply(&mut self, body_size: usize) {
         let metrics = self.shared.metrics();
-        let Some(body) = host::http_call_response_body(body_size) else {
-            log::warn!("snapshot response had no body");
-            Metrics::inc(metrics.snapshot_rejected);
-            return self.failed();
-        };
         let started = host::now_unix_ms();
-        match Policy::from_json(&body) {
+        // Read from the host a piece at a time while parsing: the VM holds
+        // the policy in force, the one being built and a 64 KiB window.
+        match Policy::from_reader(host::HttpCallBody::new(body_size)) {
             Ok(policy) => {
                 let took = (host::now_unix_ms() - started).max(0);
                 log::info!("applied snapshot version={} tokens={} in {took} ms", policy.version, policy.token_count());

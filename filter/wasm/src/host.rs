@@ -33,10 +33,36 @@ pub fn http_call_response_header(name: &str) -> Option<String> {
         .map(lossy)
 }
 
-pub fn http_call_response_body(size: usize) -> Option<Bytes> {
-    hostcalls::get_buffer(proxy_wasm::types::BufferType::HttpCallResponseBody, 0, size)
-        .ok()
-        .flatten()
+/// The current HTTP call's response body, read from the host piece by
+/// piece: the VM never holds more of it than the reader's buffer.
+pub struct HttpCallBody {
+    offset: usize,
+    size: usize,
+}
+
+impl HttpCallBody {
+    pub fn new(size: usize) -> Self {
+        Self { offset: 0, size }
+    }
+}
+
+impl std::io::Read for HttpCallBody {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let want = buf.len().min(self.size.saturating_sub(self.offset));
+        if want == 0 {
+            return Ok(0);
+        }
+        let chunk = hostcalls::get_buffer(proxy_wasm::types::BufferType::HttpCallResponseBody, self.offset, want)
+            .map_err(|e| std::io::Error::other(format!("cannot read the response body: {e:?}")))?
+            .unwrap_or_default();
+        let n = chunk.len().min(want);
+        if n == 0 {
+            return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "response body ended early"));
+        }
+        buf.get_mut(..n).ok_or(std::io::ErrorKind::InvalidInput)?.copy_from_slice(chunk.get(..n).unwrap_or_default());
+        self.offset += n;
+        Ok(n)
+    }
 }
 
 /// Sends a local reply; failures are logged (the stream is then reset by Envoy).

@@ -14,7 +14,7 @@ use mcp_filter_core::config::PluginConfig;
 use mcp_filter_core::pipeline::{self, Admitted};
 use mcp_filter_core::rls;
 use mcp_filter_core::route::{Class, RouteTable};
-use mcp_filter_core::snapshot::Policy;
+use mcp_filter_core::policy::Policy;
 use mcp_filter_core::window::{Decision, SlidingWindow};
 use proxy_wasm::hostcalls;
 use proxy_wasm::types::{BufferType, Status};

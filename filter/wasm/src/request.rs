@@ -15,7 +15,7 @@ use mcp_filter_core::denial::{Denial, ErrorCode};
 use mcp_filter_core::pipeline::{self, Admission, Admitted, Forward, RequestHead};
 use mcp_filter_core::route::Shaping;
 use mcp_filter_core::shaping;
-use mcp_filter_core::snapshot::Policy;
+use mcp_filter_core::policy::Policy;
 use mcp_filter_core::window::Decision;
 use proxy_wasm::traits::{Context, HttpContext};
 use proxy_wasm::types::Action;

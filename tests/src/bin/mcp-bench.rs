@@ -51,7 +51,7 @@ async fn main() -> Result<()> {
     // The services' own benchmarks first, on an otherwise idle machine:
     // each starts its own Redis or Postgres and control plane.
     eprintln!("[bench] services: rate-limit decisions/s and audit rows/s");
-    let services = services(s.smoke)?;
+    let services = if std::env::var("MCP_BENCH_ONLY").is_ok() { json!({}) } else { services(s.smoke)? };
 
     eprintln!("[bench] starting the stack (Postgres, Redis, control plane, Envoy)");
     let env: Vec<(String, String)> = ["MCP_LIMIT_LOG", "MCP_LIMIT_ARTIFACT", "MCP_LIMIT_WRITE", "MCP_LIMIT_DEFAULT"]
@@ -87,6 +87,17 @@ async fn main() -> Result<()> {
     let malformed = format!("Bearer {}0", token);
     let unknown = format!("Bearer ib_mcp_{}", "0123456789abcdef".repeat(3));
 
+    // `MCP_BENCH_ONLY=scale`: only the token-set scale and revocation at
+    // scale, printed, no result files (for iterating on snapshot handling).
+    if std::env::var("MCP_BENCH_ONLY").as_deref() == Ok("scale") {
+        let (scale, revocation_at_scale) = token_scale(&stack, &filter, &load, &bearer, &mcp_path, &s).await?;
+        println!("{}", serde_json::to_string_pretty(&json!({"token_scale": scale, "revocation_at_scale": revocation_at_scale}))?);
+        for line in stack.control_plane.log_contents().lines().filter(|l| l.contains("snapshot published")).rev().take(3) {
+            println!("{line}");
+        }
+        return Ok(());
+    }
+
     eprintln!("[bench] filter overhead ({} rounds of {:?}, alternating)", s.rounds, s.duration);
     let passthrough = alternate(&load, s.rounds, &baseline, &filter, &passthrough_path, &[("authorization", jwt)], &[("authorization", jwt)])?;
     let deny_malformed = alternate(&load, s.rounds, &baseline, &filter, &passthrough_path, &[("authorization", jwt)], &[("authorization", &malformed)])?;
@@ -109,34 +120,7 @@ async fn main() -> Result<()> {
     eprintln!("[bench] revocation latency ({} revocations while traffic flows, small token set)", s.revocations);
     let revocation = revocations(&stack, &filter, &load, &bearer, &mcp_path, s.revocations).await?;
 
-    eprintln!("[bench] token-set scale {:?}", s.scales);
-    let mut scale = Vec::new();
-    let mut inserted = 0u64;
-    for &n in &s.scales {
-        let bulk = n.saturating_sub(1);
-        if bulk > inserted {
-            insert_bulk_tokens(&stack, inserted, bulk).await?;
-            inserted = bulk;
-        }
-        let want = inserted + 1;
-        let t0 = Instant::now();
-        filter.wait_stat("wasmcustom.mcp_snapshot_tokens", Duration::from_secs(120), |v| v == want)?;
-        let visible_after = t0.elapsed();
-        let apply_ms = filter.stat("wasmcustom.mcp_snapshot_apply_ms").unwrap_or(0);
-        let memory = filter.stat("wasmcustom.mcp_vm_memory_bytes").unwrap_or(0);
-        let r = median(&(0..s.rounds).map(|_| load.run(filter.listen, &mcp_path, &[("authorization", &bearer)])).collect::<Result<Vec<_>>>()?);
-        eprintln!("[bench]   {want} tokens: apply {apply_ms} ms, VM memory {} MiB, {:.0} req/s", memory >> 20, r.requests_per_second);
-        scale.push(json!({
-            "tokens": want, "apply_ms": apply_ms, "vm_memory_bytes": memory,
-            "visible_after_ms": visible_after.as_millis() as u64,
-            "requests_per_second": r.requests_per_second, "p50_ms": r.p50_ms, "p99_ms": r.p99_ms,
-        }));
-    }
-
-    let at_scale = s.revocations.min(20);
-    eprintln!("[bench] revocation latency ({at_scale} revocations with {} tokens in the snapshot)", inserted + 1);
-    let mut revocation_at_scale = revocations(&stack, &filter, &load, &bearer, &mcp_path, at_scale).await?;
-    revocation_at_scale["snapshot_tokens"] = json!(inserted + 1);
+    let (scale, revocation_at_scale) = token_scale(&stack, &filter, &load, &bearer, &mcp_path, &s).await?;
 
     eprintln!("[bench] wasm size and instructions per request");
     let wasm_bytes = std::fs::metadata(wasm_path()).map(|m| m.len()).context("the built .wasm")?;
@@ -191,6 +175,45 @@ async fn main() -> Result<()> {
     println!("{}", markdown("InfraBox MCP gateway — benchmark results", &context, &rows));
     println!("bench: every case produced numbers ({} s)", started.elapsed().as_secs());
     Ok(())
+}
+
+/// Snapshot apply time, VM memory and request cost at each token-set size,
+/// then revocation latency at the largest.
+async fn token_scale(stack: &Stack, filter: &BenchEnvoy, load: &Load, bearer: &str, mcp_path: &str, s: &Settings) -> Result<(Vec<Value>, Value)> {
+    eprintln!("[bench] token-set scale {:?}", s.scales);
+    let mut scale = Vec::new();
+    let mut inserted = 0u64;
+    for &n in &s.scales {
+        let bulk = n.saturating_sub(1);
+        if bulk > inserted {
+            insert_bulk_tokens(stack, inserted, bulk).await?;
+            inserted = bulk;
+        }
+        let want = inserted + 1;
+        let t0 = Instant::now();
+        filter.wait_stat("wasmcustom.mcp_snapshot_tokens", Duration::from_secs(120), |v| v == want)?;
+        let visible_after = t0.elapsed();
+        let apply_ms = filter.stat("wasmcustom.mcp_snapshot_apply_ms").unwrap_or(0);
+        let memory = filter.stat("wasmcustom.mcp_vm_memory_bytes").unwrap_or(0);
+        let r = median(&(0..s.rounds).map(|_| load.run(filter.listen, mcp_path, &[("authorization", bearer)])).collect::<Result<Vec<_>>>()?);
+        eprintln!("[bench]   {want} tokens: apply {apply_ms} ms, VM memory {} MiB, {:.0} req/s", memory >> 20, r.requests_per_second);
+        scale.push(json!({
+            "tokens": want, "apply_ms": apply_ms, "vm_memory_bytes": memory,
+            "visible_after_ms": visible_after.as_millis() as u64,
+            "requests_per_second": r.requests_per_second, "p50_ms": r.p50_ms, "p99_ms": r.p99_ms,
+        }));
+    }
+
+    let at_scale = s.revocations.min(20);
+    eprintln!("[bench] revocation latency ({at_scale} revocations with {} tokens in the snapshot)", inserted + 1);
+    let mut revocation_at_scale = revocations(stack, filter, load, bearer, mcp_path, at_scale).await?;
+    revocation_at_scale["snapshot_tokens"] = json!(inserted + 1);
+    // Linear memory never shrinks: after every one of those re-applied
+    // snapshots it is the VM's high-water mark.
+    revocation_at_scale["vm_memory_bytes_after"] = json!(filter.stat("wasmcustom.mcp_vm_memory_bytes").unwrap_or(0));
+    revocation_at_scale["apply_ms_last"] = json!(filter.stat("wasmcustom.mcp_snapshot_apply_ms").unwrap_or(0));
+
+    Ok((scale, revocation_at_scale))
 }
 
 fn pair_json(p: &(LoadResult, LoadResult), ratio: f64) -> Value {

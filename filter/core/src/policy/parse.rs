@@ -1,0 +1,449 @@
+//! Snapshot body → [`Policy`] in one pass: serde visitors write every token
+//! straight into the policy's tables (no intermediate `Snapshot`, no
+//! per-token strings), from a whole body or from a reader fed in chunks.
+//!
+//! A token is accepted in both wire forms the control plane may send: the
+//! compact array `[token_id, token_hash, user_id, expires_at, allow_trigger,
+//! projects]` and the object with those keys. Anything malformed refuses the
+//! whole snapshot with a message that names where, never what (a value could
+//! be a credential).
+
+use std::collections::HashMap;
+use std::fmt;
+use std::io::Read;
+
+use serde::de::{self, DeserializeSeed, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
+use serde::Deserialize;
+
+use super::cursor::ValueCursor;
+use super::index::TokenIndex;
+use super::{Grant, Policy, User, UserIx, TRIGGER_BIT};
+use crate::route::Class;
+use crate::snapshot::{Limits, SnapshotError, SnapshotUser, SCHEMA};
+use crate::token;
+
+/// Largest `token_count` hint honoured when reserving space.
+const MAX_RESERVE: u64 = 1_000_000;
+
+/// Parses a whole body (the same path as [`from_reader`]).
+pub fn from_slice(body: &[u8]) -> Result<Policy, SnapshotError> {
+    from_reader(body)
+}
+
+/// Parses a body read piece by piece: the top-level object and the
+/// `tokens` array are walked by [`ValueCursor`], each member and each token
+/// decoded on its own, straight into the policy's tables.
+pub fn from_reader<R: Read>(body: R) -> Result<Policy, SnapshotError> {
+    let mut c = ValueCursor::new(body);
+    let mut b = Builder::default();
+    let mut schema = None;
+    let mut version: Option<String> = None;
+    let mut generated_at: Option<i64> = None;
+    let mut limits: Option<Limits> = None;
+    let (mut tokens, mut users) = (false, false);
+    c.expect(b'{', "a snapshot object")?;
+    let mut done = c.close_if(b'}')?;
+    while !done {
+        let key: Key = decode(c.value()?, "snapshot key")?;
+        c.expect(b':', ":")?;
+        match key {
+            Key::Schema if schema.is_none() => schema = Some(decode::<u32>(c.value()?, "schema")?),
+            Key::Version if version.is_none() => version = Some(decode(c.value()?, "version")?),
+            Key::GeneratedAt if generated_at.is_none() => generated_at = Some(decode(c.value()?, "generated_at")?),
+            Key::Limits if limits.is_none() => limits = Some(decode(c.value()?, "limits")?),
+            Key::TokenCount => {
+                let hint = decode::<u64>(c.value()?, "token_count")?.min(MAX_RESERVE) as usize;
+                b.grants.reserve_exact(hint.saturating_sub(b.grants.len()));
+            }
+            Key::Tokens if !tokens => {
+                tokens = true;
+                c.expect(b'[', "tokens as an array")?;
+                let mut last = c.close_if(b']')?;
+                while !last {
+                    let n = b.grants.len();
+                    decode_seed(TokenSeed(&mut b), c.value()?, &format!("tokens[{n}]"))?;
+                    last = c.next_or_close(b']')?;
+                }
+            }
+            Key::Users if !users => {
+                users = true;
+                decode_seed(UsersSeed(&mut b), c.value()?, "users")?;
+            }
+            Key::Other => {
+                c.value()?;
+            }
+            Key::Schema => return Err(duplicate("schema")),
+            Key::Version => return Err(duplicate("version")),
+            Key::GeneratedAt => return Err(duplicate("generated_at")),
+            Key::Limits => return Err(duplicate("limits")),
+            Key::Tokens => return Err(duplicate("tokens")),
+            Key::Users => return Err(duplicate("users")),
+        }
+        done = c.next_or_close(b'}')?;
+    }
+    c.end()?;
+    let missing = |field: &str| SnapshotError(format!("{field} is missing"));
+    let schema = schema.unwrap_or(SCHEMA);
+    if schema != SCHEMA {
+        return Err(SnapshotError(format!("unsupported schema {schema}")));
+    }
+    let version = version.ok_or_else(|| missing("version"))?;
+    let generated_at = generated_at.ok_or_else(|| missing("generated_at"))?;
+    let limits = limits.ok_or_else(|| missing("limits"))?;
+    if !tokens {
+        return Err(missing("tokens"));
+    }
+    if !users {
+        return Err(missing("users"));
+    }
+    check(&version, &limits).map_err(SnapshotError)?;
+    let index = TokenIndex::build(&b.grants).map_err(|dup| SnapshotError(format!("tokens[{}]: token_hash appears twice", dup.0)))?;
+    b.grants.shrink_to_fit();
+    b.scopes.shrink_to_fit();
+    Ok(Policy {
+        version,
+        generated_at,
+        limits,
+        grants: b.grants,
+        index,
+        scopes: b.scopes,
+        users: b.users,
+        projects: b.projects,
+        project_ix: b.project_ix,
+    })
+}
+
+fn duplicate(field: &str) -> SnapshotError {
+    SnapshotError(format!("duplicate field {field}"))
+}
+
+/// Decodes one value; errors name `what` (never the value).
+fn decode<'a, T: Deserialize<'a>>(v: &'a [u8], what: &str) -> Result<T, SnapshotError> {
+    serde_json::from_slice(v).map_err(|e| SnapshotError(format!("{what}: {}", describe(e).0)))
+}
+
+fn decode_seed<'a, S: DeserializeSeed<'a>>(seed: S, v: &'a [u8], what: &str) -> Result<S::Value, SnapshotError> {
+    let mut de = serde_json::Deserializer::from_slice(v);
+    let out = seed.deserialize(&mut de).and_then(|out| de.end().map(|()| out));
+    out.map_err(|e| SnapshotError(format!("{what}: {}", describe(e).0)))
+}
+
+/// serde_json quotes offending values (which may be credentials): keep its
+/// message only when it quotes nothing.
+fn describe(e: serde_json::Error) -> SnapshotError {
+    let msg = e.to_string();
+    if msg.contains('"') || msg.contains('`') {
+        SnapshotError(format!("{:?} error at line {} column {}", e.classify(), e.line(), e.column()))
+    } else {
+        SnapshotError(msg)
+    }
+}
+
+/// The tables being filled.
+#[derive(Default)]
+struct Builder {
+    grants: Vec<Grant>,
+    scopes: Vec<(u32, i64)>,
+    users: Vec<User>,
+    user_ix: HashMap<Box<str>, UserIx>,
+    projects: Vec<Box<str>>,
+    project_ix: HashMap<Box<str>, u32>,
+}
+
+impl Builder {
+    fn intern_user(&mut self, id: &str) -> UserIx {
+        if let Some(ix) = self.user_ix.get(id) {
+            return *ix;
+        }
+        let ix = self.users.len() as UserIx;
+        self.users.push(User { id: id.into(), ..Default::default() });
+        self.user_ix.insert(id.into(), ix);
+        ix
+    }
+
+    fn intern_project(&mut self, id: &str) -> u32 {
+        if let Some(ix) = self.project_ix.get(id) {
+            return *ix;
+        }
+        let ix = self.projects.len() as u32;
+        self.projects.push(id.into());
+        self.project_ix.insert(id.into(), ix);
+        ix
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(field_identifier, rename_all = "snake_case")]
+enum Key {
+    Schema,
+    Version,
+    GeneratedAt,
+    Limits,
+    TokenCount,
+    Tokens,
+    Users,
+    #[serde(other)]
+    Other,
+}
+
+fn check(version: &str, limits: &Limits) -> Result<(), String> {
+    if version.is_empty() || version.len() > 128 || version.contains('"') {
+        return Err("version must be 1-128 characters without quotes".into());
+    }
+    if limits.window_seconds == 0 {
+        return Err("limits.window_seconds must be positive".into());
+    }
+    for class in Class::ALL {
+        if !limits.classes.contains_key(&class) {
+            return Err(format!("limits.classes has no {} entry", class.as_str()));
+        }
+    }
+    Ok(())
+}
+
+/// One token, compact array or object; appended to the grants.
+struct TokenSeed<'b>(&'b mut Builder);
+
+#[derive(Deserialize)]
+#[serde(field_identifier, rename_all = "snake_case")]
+enum TokenKey {
+    TokenId,
+    TokenHash,
+    UserId,
+    ExpiresAt,
+    AllowTrigger,
+    Projects,
+    #[serde(other)]
+    Other,
+}
+
+/// A token's fields as they arrive.
+#[derive(Default)]
+struct Fields {
+    token_id: Option<[u8; token::TOKEN_ID_LEN]>,
+    hash: Option<token::TokenHash>,
+    user: Option<UserIx>,
+    expires_at: Option<i64>,
+    allow_trigger: Option<bool>,
+    scope: Option<(u32, u32)>,
+}
+
+impl<'de> DeserializeSeed<'de> for TokenSeed<'_> {
+    type Value = ();
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl TokenSeed<'_> {
+    fn push<E: de::Error>(self, f: Fields) -> Result<(), E> {
+        let missing = |field: &str| E::custom(format!("{field} is missing"));
+        let grant = Grant {
+            token_id: f.token_id.ok_or_else(|| missing("token_id"))?,
+            hash: f.hash.ok_or_else(|| missing("token_hash"))?,
+            user: f.user.ok_or_else(|| missing("user_id"))?,
+            expires_at: f.expires_at.ok_or_else(|| missing("expires_at"))?.clamp(0, i64::from(u32::MAX)) as u32,
+            scope_start: 0,
+            trigger_and_scope_len: 0,
+        };
+        let allow_trigger = f.allow_trigger.ok_or_else(|| missing("allow_trigger"))?;
+        let (start, len) = f.scope.ok_or_else(|| missing("projects"))?;
+        let grant = Grant { scope_start: start, trigger_and_scope_len: len | if allow_trigger { TRIGGER_BIT } else { 0 }, ..grant };
+        self.0.grants.push(grant);
+        Ok(())
+    }
+}
+
+impl<'de> Visitor<'de> for TokenSeed<'_> {
+    type Value = ();
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a token as an array or object")
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+        let b = &mut *self.0;
+        let f = Fields {
+            token_id: seq.next_element_seed(TokenIdSeed)?,
+            hash: seq.next_element_seed(HashSeed)?,
+            user: seq.next_element_seed(UserSeed(&mut *b))?,
+            expires_at: seq.next_element()?,
+            allow_trigger: seq.next_element()?,
+            scope: seq.next_element_seed(ScopeSeed(&mut *b))?,
+        };
+        // Fields a later schema may append.
+        while seq.next_element::<IgnoredAny>()?.is_some() {}
+        self.push(f)
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+        let b = &mut *self.0;
+        let mut f = Fields::default();
+        let dup = |field: &str| de::Error::custom(format!("duplicate field {field}"));
+        while let Some(key) = map.next_key::<TokenKey>()? {
+            match key {
+                TokenKey::TokenId if f.token_id.is_none() => f.token_id = Some(map.next_value_seed(TokenIdSeed)?),
+                TokenKey::TokenHash if f.hash.is_none() => f.hash = Some(map.next_value_seed(HashSeed)?),
+                TokenKey::UserId if f.user.is_none() => f.user = Some(map.next_value_seed(UserSeed(&mut *b))?),
+                TokenKey::ExpiresAt if f.expires_at.is_none() => f.expires_at = Some(map.next_value()?),
+                TokenKey::AllowTrigger if f.allow_trigger.is_none() => f.allow_trigger = Some(map.next_value()?),
+                TokenKey::Projects if f.scope.is_none() => f.scope = Some(map.next_value_seed(ScopeSeed(&mut *b))?),
+                TokenKey::Other => {
+                    map.next_value::<IgnoredAny>()?;
+                }
+                TokenKey::TokenId => return Err(dup("token_id")),
+                TokenKey::TokenHash => return Err(dup("token_hash")),
+                TokenKey::UserId => return Err(dup("user_id")),
+                TokenKey::ExpiresAt => return Err(dup("expires_at")),
+                TokenKey::AllowTrigger => return Err(dup("allow_trigger")),
+                TokenKey::Projects => return Err(dup("projects")),
+            }
+        }
+        self.push(f)
+    }
+}
+
+/// `token_id`: 16 lowercase hex.
+struct TokenIdSeed;
+
+impl<'de> DeserializeSeed<'de> for TokenIdSeed {
+    type Value = [u8; token::TOKEN_ID_LEN];
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+        d.deserialize_str(self)
+    }
+}
+
+impl Visitor<'_> for TokenIdSeed {
+    type Value = [u8; token::TOKEN_ID_LEN];
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("token_id as 16 lowercase hex")
+    }
+    fn visit_str<E: de::Error>(self, v: &str) -> Result<Self::Value, E> {
+        let bad = || E::custom("token_id is not 16 lowercase hex");
+        if !token::is_token_id(v) {
+            return Err(bad());
+        }
+        v.as_bytes().try_into().map_err(|_| bad())
+    }
+}
+
+/// `token_hash`: 64 lowercase hex.
+struct HashSeed;
+
+impl<'de> DeserializeSeed<'de> for HashSeed {
+    type Value = token::TokenHash;
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+        // As bytes: serde_json then skips UTF-8 validation (hex is ASCII or invalid anyway).
+        d.deserialize_bytes(self)
+    }
+}
+
+impl Visitor<'_> for HashSeed {
+    type Value = token::TokenHash;
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("token_hash as 64 lowercase hex")
+    }
+    fn visit_bytes<E: de::Error>(self, v: &[u8]) -> Result<Self::Value, E> {
+        token::parse_hash_hex_bytes(v).ok_or_else(|| E::custom("token_hash is not 64 lowercase hex"))
+    }
+    fn visit_str<E: de::Error>(self, v: &str) -> Result<Self::Value, E> {
+        self.visit_bytes(v.as_bytes())
+    }
+}
+
+/// A user id, interned.
+struct UserSeed<'b>(&'b mut Builder);
+
+impl<'de> DeserializeSeed<'de> for UserSeed<'_> {
+    type Value = UserIx;
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<UserIx, D::Error> {
+        d.deserialize_str(self)
+    }
+}
+
+impl Visitor<'_> for UserSeed<'_> {
+    type Value = UserIx;
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a user id string")
+    }
+    fn visit_str<E: de::Error>(self, v: &str) -> Result<UserIx, E> {
+        Ok(self.0.intern_user(v))
+    }
+}
+
+/// A project id, interned.
+struct ProjectSeed<'b>(&'b mut Builder);
+
+impl<'de> DeserializeSeed<'de> for ProjectSeed<'_> {
+    type Value = u32;
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<u32, D::Error> {
+        d.deserialize_str(self)
+    }
+}
+
+impl Visitor<'_> for ProjectSeed<'_> {
+    type Value = u32;
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a project id string")
+    }
+    fn visit_str<E: de::Error>(self, v: &str) -> Result<u32, E> {
+        Ok(self.0.intern_project(v))
+    }
+}
+
+/// `projects`: `{project id: expiry or null}`, appended to the scope arena;
+/// yields the token's (start, length) there, sorted by project.
+struct ScopeSeed<'b>(&'b mut Builder);
+
+impl<'de> DeserializeSeed<'de> for ScopeSeed<'_> {
+    type Value = (u32, u32);
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<(u32, u32), D::Error> {
+        d.deserialize_map(self)
+    }
+}
+
+impl<'de> Visitor<'de> for ScopeSeed<'_> {
+    type Value = (u32, u32);
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("an object of project ids to expiry or null")
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(u32, u32), A::Error> {
+        let start = self.0.scopes.len();
+        while let Some(project) = map.next_key_seed(ProjectSeed(&mut *self.0))? {
+            let expiry: Option<i64> = map.next_value()?;
+            self.0.scopes.push((project, expiry.unwrap_or(i64::MAX)));
+        }
+        let scope = self.0.scopes.get_mut(start..).unwrap_or_default();
+        scope.sort_unstable();
+        let len = u32::try_from(scope.len()).ok().filter(|l| l & TRIGGER_BIT == 0).ok_or_else(|| de::Error::custom("too many projects"))?;
+        let start = u32::try_from(start).map_err(|_| de::Error::custom("too many projects"))?;
+        Ok((start, len))
+    }
+}
+
+/// `users`: `{user id: credentials}`.
+struct UsersSeed<'b>(&'b mut Builder);
+
+impl<'de> DeserializeSeed<'de> for UsersSeed<'_> {
+    type Value = ();
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_map(self)
+    }
+}
+
+impl<'de> Visitor<'de> for UsersSeed<'_> {
+    type Value = ();
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("an object of user ids to credentials")
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+        while let Some(ix) = map.next_key_seed(UserSeed(&mut *self.0))? {
+            let creds: SnapshotUser = map.next_value()?;
+            if let Some(user) = self.0.users.get_mut(ix as usize) {
+                user.read_credential = creds.read_credential.map(Into::into);
+                user.write_credential = creds.write_credential.map(Into::into);
+            }
+        }
+        Ok(())
+    }
+}
