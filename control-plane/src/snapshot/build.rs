@@ -254,41 +254,29 @@ impl Model {
         }
     }
 
-    /// Writes the members every body has; `head` comes first.
-    fn members<M: SerializeMap>(&self, m: &mut M, limits: &Limits) -> Result<(), M::Error> {
+    /// The body the filter gets (the [`Snapshot`] wire form) and its
+    /// version: the first 32 hex of SHA-256 over everything but `version`
+    /// and `generated_at`, so it stays the same while the policy does. The
+    /// tokens are serialized once; the body is that content behind a header.
+    pub fn render(&self, limits: &Limits, generated_at: i64) -> Result<(String, Vec<u8>), serde_json::Error> {
+        use serde::Serializer as _;
+        let mut content = Vec::with_capacity(160 * self.tokens.len() + 4096);
+        let mut ser = serde_json::Serializer::new(&mut content);
+        let mut m = (&mut ser).serialize_map(Some(5))?;
+        m.serialize_entry("schema", &SCHEMA)?;
         m.serialize_entry("limits", limits)?;
         m.serialize_entry("token_count", &self.tokens.len())?;
         m.serialize_entry("tokens", &Tokens(&self.tokens))?;
-        m.serialize_entry("users", &self.users)
-    }
-
-    /// First 32 hex of SHA-256 over the content (not over `version` or
-    /// `generated_at`, so it is stable while the policy is).
-    pub fn content_version(&self, limits: &Limits) -> Result<String, serde_json::Error> {
-        use serde::Serializer as _;
-        let mut digest = Digesting(Sha256::new());
-        let mut ser = serde_json::Serializer::new(&mut digest);
-        let mut m = (&mut ser).serialize_map(Some(5))?;
-        m.serialize_entry("schema", &SCHEMA)?;
-        self.members(&mut m, limits)?;
+        m.serialize_entry("users", &self.users)?;
         m.end()?;
-        let mut v = hex::encode(digest.0.finalize());
-        v.truncate(32);
-        Ok(v)
-    }
-
-    /// The body the filter gets: the [`Snapshot`] wire form.
-    pub fn render(&self, limits: &Limits, version: &str, generated_at: i64) -> Result<Vec<u8>, serde_json::Error> {
-        use serde::Serializer as _;
-        let mut body = Vec::with_capacity(160 * self.tokens.len() + 4096);
-        let mut ser = serde_json::Serializer::new(&mut body);
-        let mut m = (&mut ser).serialize_map(Some(7))?;
-        m.serialize_entry("schema", &SCHEMA)?;
-        m.serialize_entry("version", version)?;
-        m.serialize_entry("generated_at", &generated_at)?;
-        self.members(&mut m, limits)?;
-        m.end()?;
-        Ok(body)
+        let mut version = hex::encode(Sha256::digest(&content));
+        version.truncate(32);
+        // `{"schema":1,…}` → `{"version":"…","generated_at":…,"schema":1,…}`
+        let head = format!("{{\"version\":\"{version}\",\"generated_at\":{generated_at},");
+        let mut body = Vec::with_capacity(head.len() + content.len());
+        body.extend_from_slice(head.as_bytes());
+        body.extend_from_slice(content.get(1..).unwrap_or_default());
+        Ok((version, body))
     }
 }
 
@@ -298,19 +286,6 @@ struct Tokens<'a>(&'a BTreeMap<String, SnapshotToken>);
 impl serde::Serialize for Tokens<'_> {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         s.collect_seq(self.0.values())
-    }
-}
-
-/// Feeds what is written into SHA-256.
-struct Digesting(Sha256);
-
-impl std::io::Write for Digesting {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.update(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
     }
 }
 
@@ -367,8 +342,8 @@ mod tests {
     fn built(tokens: Vec<LiveToken>, collab: &HashMap<Uuid, HashSet<Uuid>>, generated_at: i64) -> (Snapshot, Vec<u8>) {
         let model = Model::assemble(loaded(tokens, collab), &HashMap::new());
         let limits = Limits::default();
-        let version = model.content_version(&limits).unwrap();
-        (model.snapshot(&limits, &version, generated_at), model.render(&limits, &version, generated_at).unwrap())
+        let (version, body) = model.render(&limits, generated_at).unwrap();
+        (model.snapshot(&limits, &version, generated_at), body)
     }
 
     #[test]
@@ -425,7 +400,7 @@ mod tests {
         let want = full(vec![changed, new]);
         assert_eq!(model, want);
         let limits = Limits::default();
-        assert_eq!(model.content_version(&limits).unwrap(), want.content_version(&limits).unwrap());
+        assert_eq!(model.render(&limits, 1).unwrap(), want.render(&limits, 1).unwrap());
         assert_eq!(model.snapshot(&limits, "v", 1).users[P1].read_credential.as_deref(), Some("r1"));
         // A patch naming an unknown token that is not live changes nothing.
         model.patch(&["00000000000000ee".into()], loaded(vec![], &c), &creds);

@@ -105,14 +105,14 @@ impl SnapshotPublisher {
     }
 
     fn publish(&self, model: &build::Model, how: &'static str, started: Instant, loaded_ms: u64) -> Result<(), sqlx::Error> {
-        let serialization = |e: serde_json::Error| sqlx::Error::Protocol(format!("snapshot serialization: {e}"));
-        let version = model.content_version(&self.limits).map_err(serialization)?;
+        let (version, body) = model
+            .render(&self.limits, chrono::Utc::now().timestamp())
+            .map_err(|e| sqlx::Error::Protocol(format!("snapshot serialization: {e}")))?;
         let unchanged = self.tx.borrow().as_ref().is_some_and(|p| p.version == version);
         if unchanged {
             tracing::debug!(%version, how, "snapshot unchanged");
             return Ok(());
         }
-        let body = model.render(&self.limits, &version, chrono::Utc::now().timestamp()).map_err(serialization)?;
         let published = Published { version, token_count: model.token_count(), body: Bytes::from(body) };
         tracing::info!(
             version = %published.version,

@@ -61,13 +61,13 @@ pub fn from_reader<R: Read>(body: R) -> Result<Policy, SnapshotError> {
                 let mut last = c.close_if(b']')?;
                 while !last {
                     let n = b.grants.len();
-                    decode_seed(TokenSeed(&mut b), c.value()?, &format!("tokens[{n}]"))?;
+                    decode_seed(TokenSeed(&mut b), c.value()?, || format!("tokens[{n}]"))?;
                     last = c.next_or_close(b']')?;
                 }
             }
             Key::Users if !users => {
                 users = true;
-                decode_seed(UsersSeed(&mut b), c.value()?, "users")?;
+                decode_seed(UsersSeed(&mut b), c.value()?, || "users".into())?;
             }
             Key::Other => {
                 c.value()?;
@@ -122,10 +122,11 @@ fn decode<'a, T: Deserialize<'a>>(v: &'a [u8], what: &str) -> Result<T, Snapshot
     serde_json::from_slice(v).map_err(|e| SnapshotError(format!("{what}: {}", describe(e).0)))
 }
 
-fn decode_seed<'a, S: DeserializeSeed<'a>>(seed: S, v: &'a [u8], what: &str) -> Result<S::Value, SnapshotError> {
+/// Decodes one value with `seed`; `what` names it in an error (built only then).
+fn decode_seed<'a, S: DeserializeSeed<'a>>(seed: S, v: &'a [u8], what: impl FnOnce() -> String) -> Result<S::Value, SnapshotError> {
     let mut de = serde_json::Deserializer::from_slice(v);
     let out = seed.deserialize(&mut de).and_then(|out| de.end().map(|()| out));
-    out.map_err(|e| SnapshotError(format!("{what}: {}", describe(e).0)))
+    out.map_err(|e| SnapshotError(format!("{}: {}", what(), describe(e).0)))
 }
 
 /// serde_json quotes offending values (which may be credentials): keep its
