@@ -267,7 +267,7 @@ impl<'de> Visitor<'de> for TokenSeed<'_> {
         let f = Fields {
             token_id: seq.next_element_seed(TokenIdSeed)?,
             hash: seq.next_element_seed(HashSeed)?,
-            user: seq.next_element_seed(UserSeed(&mut *b))?,
+            user: seq.next_element_seed(user_id(&mut *b))?,
             expires_at: seq.next_element()?,
             allow_trigger: seq.next_element()?,
             scope: seq.next_element_seed(ScopeSeed(&mut *b))?,
@@ -285,7 +285,7 @@ impl<'de> Visitor<'de> for TokenSeed<'_> {
             match key {
                 TokenKey::TokenId if f.token_id.is_none() => f.token_id = Some(map.next_value_seed(TokenIdSeed)?),
                 TokenKey::TokenHash if f.hash.is_none() => f.hash = Some(map.next_value_seed(HashSeed)?),
-                TokenKey::UserId if f.user.is_none() => f.user = Some(map.next_value_seed(UserSeed(&mut *b))?),
+                TokenKey::UserId if f.user.is_none() => f.user = Some(map.next_value_seed(user_id(&mut *b))?),
                 TokenKey::ExpiresAt if f.expires_at.is_none() => f.expires_at = Some(map.next_value()?),
                 TokenKey::AllowTrigger if f.allow_trigger.is_none() => f.allow_trigger = Some(map.next_value()?),
                 TokenKey::Projects if f.scope.is_none() => f.scope = Some(map.next_value_seed(ScopeSeed(&mut *b))?),
@@ -352,43 +352,46 @@ impl Visitor<'_> for HashSeed {
     }
 }
 
-/// A user id, interned.
-struct UserSeed<'b>(&'b mut Builder);
-
-impl<'de> DeserializeSeed<'de> for UserSeed<'_> {
-    type Value = UserIx;
-    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<UserIx, D::Error> {
-        d.deserialize_str(self)
-    }
+/// A user or project id string, interned into the builder's table of that kind.
+struct Intern<'b> {
+    builder: &'b mut Builder,
+    kind: IdKind,
 }
 
-impl Visitor<'_> for UserSeed<'_> {
-    type Value = UserIx;
-    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("a user id string")
-    }
-    fn visit_str<E: de::Error>(self, v: &str) -> Result<UserIx, E> {
-        Ok(self.0.intern_user(v))
-    }
+#[derive(Clone, Copy)]
+enum IdKind {
+    User,
+    Project,
 }
 
-/// A project id, interned.
-struct ProjectSeed<'b>(&'b mut Builder);
+fn user_id(builder: &mut Builder) -> Intern<'_> {
+    Intern { builder, kind: IdKind::User }
+}
 
-impl<'de> DeserializeSeed<'de> for ProjectSeed<'_> {
+fn project_id(builder: &mut Builder) -> Intern<'_> {
+    Intern { builder, kind: IdKind::Project }
+}
+
+impl<'de> DeserializeSeed<'de> for Intern<'_> {
     type Value = u32;
     fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<u32, D::Error> {
         d.deserialize_str(self)
     }
 }
 
-impl Visitor<'_> for ProjectSeed<'_> {
+impl Visitor<'_> for Intern<'_> {
     type Value = u32;
     fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("a project id string")
+        f.write_str(match self.kind {
+            IdKind::User => "a user id string",
+            IdKind::Project => "a project id string",
+        })
     }
     fn visit_str<E: de::Error>(self, v: &str) -> Result<u32, E> {
-        Ok(self.0.intern_project(v))
+        Ok(match self.kind {
+            IdKind::User => self.builder.intern_user(v),
+            IdKind::Project => self.builder.intern_project(v),
+        })
     }
 }
 
@@ -410,7 +413,7 @@ impl<'de> Visitor<'de> for ScopeSeed<'_> {
     }
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(u32, u32), A::Error> {
         let start = self.0.scopes.len();
-        while let Some(project) = map.next_key_seed(ProjectSeed(&mut *self.0))? {
+        while let Some(project) = map.next_key_seed(project_id(&mut *self.0))? {
             let expiry: Option<i64> = map.next_value()?;
             self.0.scopes.push((project, expiry.unwrap_or(i64::MAX)));
         }
@@ -438,7 +441,7 @@ impl<'de> Visitor<'de> for UsersSeed<'_> {
         f.write_str("an object of user ids to credentials")
     }
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
-        while let Some(ix) = map.next_key_seed(UserSeed(&mut *self.0))? {
+        while let Some(ix) = map.next_key_seed(user_id(&mut *self.0))? {
             let creds: SnapshotUser = map.next_value()?;
             if let Some(user) = self.0.users.get_mut(ix as usize) {
                 user.read_credential = creds.read_credential.map(Into::into);
