@@ -501,6 +501,13 @@ fn table(r: &Value) -> Vec<Row> {
         "p99 ≤ 1 s",
         Some(f(&rs["p99_ms"]) <= 1000.0),
     ));
+    let after = f(&rs["vm_memory_bytes_after"]) / (1 << 20) as f64;
+    rows.push(Row::new(
+        &format!("{} tokens: VM linear memory after those {} re-applied snapshots (high-water mark)", rs["snapshot_tokens"], rs["revocations"]),
+        format!("{after:.1} MiB (last apply {} ms, under load)", rs["apply_ms_last"]),
+        "≤ 32 MiB",
+        Some(after <= 32.0),
+    ));
     let sv = &r["services"];
     let rls = f(&sv["ratelimit"]["decisions_per_second"]);
     rows.push(Row::new("rate-limit decisions/s (real Redis)", format!("{rls:.0}"), "≥ 20 000", Some(rls >= 20_000.0)));
