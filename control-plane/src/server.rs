@@ -16,6 +16,7 @@ use tokio::sync::watch;
 use crate::audit::ingest::AccessLogIngest;
 use crate::audit::metrics::AuditMetrics;
 use crate::config::Config;
+use crate::ratelimit::coalesce::Coalescing;
 use crate::ratelimit::metrics::RateLimitMetrics;
 use crate::ratelimit::redis_store::RedisWindows;
 use crate::ratelimit::service::RateLimitGrpc;
@@ -130,13 +131,17 @@ fn metrics_router(ratelimit: Arc<RateLimitMetrics>, audit: Arc<AuditMetrics>) ->
     )
 }
 
-/// Serves the gRPC router with `TCP_NODELAY` on every accepted connection.
+/// Serves the gRPC router with `TCP_NODELAY` on every accepted connection,
+/// its writes batched by [`Coalescing`].
 async fn serve_grpc(
     listener: TcpListener,
     router: tonic::transport::server::Router,
     mut shutdown: watch::Receiver<bool>,
 ) -> std::io::Result<()> {
-    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+    use tonic::codegen::tokio_stream::StreamExt;
+    let incoming = tonic::transport::server::TcpIncoming::from(listener)
+        .with_nodelay(Some(true))
+        .map(|accepted| accepted.map(Coalescing::new));
     router
         .serve_with_incoming_shutdown(incoming, async move {
             let _ = shutdown.wait_for(|stop| *stop).await;

@@ -7,8 +7,11 @@
 //!   limits and decisions;
 //! - [`redis_store`] — the Redis store (Lua script, `EVALSHA`, Redis `TIME`);
 //! - [`service`] — `envoy.service.ratelimit.v3.RateLimitService`;
-//! - [`metrics`] — decision and Redis latency counters for `/metrics`.
+//! - [`metrics`] — decision and Redis latency counters for `/metrics`;
+//! - [`coalesce`] — batched writes on the gRPC listener (fewer system calls
+//!   per answer under load).
 
+pub mod coalesce;
 pub mod metrics;
 pub mod redis_store;
 pub mod service;

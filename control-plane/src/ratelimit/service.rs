@@ -179,15 +179,18 @@ mod tests {
         }
     }
 
+    type TestResult = Result<(), Box<dyn std::error::Error>>;
+
     #[test]
-    fn reads_what_the_filter_encodes() {
+    fn reads_what_the_filter_encodes() -> TestResult {
         for (window, expect) in [(60, 60), (5, 5), (1, 1), (3600, 3600)] {
             let bytes = rls::encode_request("u-1", "log", 10, window);
-            let req = RateLimitRequest::decode(bytes.as_slice()).unwrap();
-            let q = parse(&req).unwrap();
+            let req = RateLimitRequest::decode(bytes.as_slice())?;
+            let q = parse(&req)?;
             assert_eq!((q.user.as_str(), q.class.as_str()), ("u-1", "log"));
             assert_eq!(q.limit, Limit { requests: 10, window: Duration::from_secs(expect) });
         }
+        Ok(())
     }
 
     #[test]
@@ -214,15 +217,16 @@ mod tests {
     }
 
     #[test]
-    fn answers_in_the_rls_protocol_the_filter_reads() {
-        let q = parse(&request(&[("user", "u"), ("class", "log")], Some((10, 2)))).unwrap();
+    fn answers_in_the_rls_protocol_the_filter_reads() -> TestResult {
+        let q = parse(&request(&[("user", "u"), ("class", "log")], Some((10, 2))))?;
         let d = Decision { allowed: false, remaining: 0, reset: Duration::from_micros(2_500_001), at_us: 0 };
         let resp = respond(&q, &d);
         assert_eq!(resp.overall_code, Code::OverLimit as i32);
-        let v = rls::decode_response(&resp.encode_to_vec()).unwrap();
-        assert_eq!(v, rls::Verdict { over_limit: true, remaining: 0, reset_ms: 2501 });
+        let v = rls::decode_response(&resp.encode_to_vec());
+        assert_eq!(v, Ok(rls::Verdict { over_limit: true, remaining: 0, reset_ms: 2501 }));
         let d = Decision { allowed: true, remaining: 7, reset: Duration::from_millis(60_000), at_us: 0 };
-        let v = rls::decode_response(&respond(&q, &d).encode_to_vec()).unwrap();
-        assert_eq!(v, rls::Verdict { over_limit: false, remaining: 7, reset_ms: 60_000 });
+        let v = rls::decode_response(&respond(&q, &d).encode_to_vec());
+        assert_eq!(v, Ok(rls::Verdict { over_limit: false, remaining: 7, reset_ms: 60_000 }));
+        Ok(())
     }
 }
