@@ -72,7 +72,7 @@ impl<R: Read> ValueCursor<R> {
     }
 
     /// Consumes `want` (after whitespace) or fails.
-    pub fn expect(&mut self, want: u8, what: &str) -> Result<(), SnapshotError> {
+    pub fn consume(&mut self, want: u8, what: &str) -> Result<(), SnapshotError> {
         match self.peek()? {
             Some(b) if b == want => {
                 self.pos += 1;
@@ -206,7 +206,7 @@ mod tests {
         }
         let mut c = ValueCursor::new(Trickle(doc.as_bytes(), step));
         let mut out = Vec::new();
-        c.expect(b'[', "[")?;
+        c.consume(b'[', "[")?;
         if !c.close_if(b']')? {
             loop {
                 out.push(String::from_utf8_lossy(c.value()?).into_owned());

@@ -41,11 +41,11 @@ pub fn from_reader<R: Read>(body: R) -> Result<Policy, SnapshotError> {
     let mut generated_at: Option<i64> = None;
     let mut limits: Option<Limits> = None;
     let (mut tokens, mut users) = (false, false);
-    c.expect(b'{', "a snapshot object")?;
+    c.consume(b'{', "a snapshot object")?;
     let mut done = c.close_if(b'}')?;
     while !done {
         let key: Key = decode(c.value()?, "snapshot key")?;
-        c.expect(b':', ":")?;
+        c.consume(b':', ":")?;
         match key {
             Key::Schema if schema.is_none() => schema = Some(decode::<u32>(c.value()?, "schema")?),
             Key::Version if version.is_none() => version = Some(decode(c.value()?, "version")?),
@@ -57,7 +57,7 @@ pub fn from_reader<R: Read>(body: R) -> Result<Policy, SnapshotError> {
             }
             Key::Tokens if !tokens => {
                 tokens = true;
-                c.expect(b'[', "tokens as an array")?;
+                c.consume(b'[', "tokens as an array")?;
                 let mut last = c.close_if(b']')?;
                 while !last {
                     let n = b.grants.len();
