@@ -414,6 +414,8 @@ mod tests {
     use crate::snapshot::{Limits, Snapshot, SnapshotToken, SnapshotUser, SCHEMA as SNAPSHOT_SCHEMA};
     use crate::token;
 
+    type TestResult<T = ()> = Result<T, Box<dyn std::error::Error>>;
+
     const PA: &str = "0b7a4c2e-1f3d-4c5b-9a8e-7d6c5b4a3f21";
     const B1: &str = "2b7a4c2e-1f3d-4c5b-9a8e-7d6c5b4a3f21";
 
@@ -421,8 +423,8 @@ mod tests {
         token::mint(&[n; 24])
     }
 
-    fn policy() -> Policy {
-        Policy::compile(&Snapshot {
+    fn policy() -> TestResult<Policy> {
+        Ok(Policy::compile(&Snapshot {
             schema: SNAPSHOT_SCHEMA,
             version: "v".into(),
             generated_at: 0,
@@ -439,13 +441,12 @@ mod tests {
                 "u1".into(),
                 SnapshotUser { read_credential: Some("READCRED".into()), write_credential: None },
             )]),
-        })
-        .unwrap()
+        })?)
     }
 
-    fn facts(method: &str, path: &str, auth: &[&str], cookie: &[&str]) -> RequestFacts {
+    fn facts(method: &str, path: &str, auth: &[&str], cookie: &[&str]) -> TestResult<RequestFacts> {
         let head = RequestHead { method, path, authorization: auth, cookie };
-        RequestFacts::describe(&head, Some(&policy()), &RouteTable::default())
+        Ok(RequestFacts::describe(&head, Some(&policy()?), &RouteTable::default()))
     }
 
     fn origin() -> VmOrigin {
@@ -453,9 +454,9 @@ mod tests {
     }
 
     #[test]
-    fn allowed_request_is_attributed_and_routed() {
+    fn allowed_request_is_attributed_and_routed() -> TestResult {
         let auth = format!("Bearer {}", tok(1));
-        let f = facts("GET", &format!("/api/v1/mcp/projects/{PA}/builds?size=5&x={}", tok(1)), &[&auth], &[]);
+        let f = facts("GET", &format!("/api/v1/mcp/projects/{PA}/builds?size=5&x={}", tok(1)), &[&auth], &[])?;
         assert_eq!(f.route.as_deref(), Some("builds.list"));
         assert_eq!(f.class, Some(Class::Default));
         assert_eq!(f.project.as_deref(), Some(PA));
@@ -466,44 +467,46 @@ mod tests {
         assert_eq!(r.decision, Decision::Allow);
         assert_eq!(r.reason, None);
         assert_eq!(r.seq, 7);
-        let json = String::from_utf8(r.to_json()).unwrap();
+        let json = String::from_utf8(r.to_json())?;
         assert!(!json.contains(&tok(1)[23..]), "{json}");
         assert!(!json.contains("READCRED"), "{json}");
-        assert_eq!(AuditRecord::from_json(json.as_bytes()).unwrap(), r);
-        let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+        assert_eq!(AuditRecord::from_json(json.as_bytes())?, r);
+        let v: serde_json::Value = serde_json::from_str(&json)?;
         assert_eq!(v["schema"], SCHEMA);
         assert_eq!(v["node_id"], "node-1");
         assert_eq!(v["vm_id"], "vm-a");
         assert_eq!(v["class"], "default");
         assert_eq!(v["decision"], "allow");
         assert_eq!(v["rate_limit_remaining"], 29);
+        Ok(())
     }
 
     #[test]
-    fn denials_carry_the_reason_and_what_is_known() {
+    fn denials_carry_the_reason_and_what_is_known() -> TestResult {
         let auth = format!("Bearer {}", tok(1));
         let d = Denial::new(ErrorCode::WriteForbidden, "no");
-        let f = facts("POST", &format!("/api/v1/mcp/projects/{PA}/trigger"), &[&auth], &[]);
+        let f = facts("POST", &format!("/api/v1/mcp/projects/{PA}/trigger"), &[&auth], &[])?;
         let r = f.record(&origin(), 1, Verdict::Deny(&d), None);
         assert_eq!((r.decision, r.reason.as_deref()), (Decision::Deny, Some("write_forbidden")));
         assert_eq!(r.route.as_deref(), Some("projects.trigger"));
         assert_eq!(r.class, Some(Class::Write));
         // 404 and 405 still name the project and the token.
-        let f = facts("GET", &format!("/api/v1/mcp/projects/{PA}/nope"), &[&auth], &[]);
+        let f = facts("GET", &format!("/api/v1/mcp/projects/{PA}/nope"), &[&auth], &[])?;
         assert_eq!((f.route.as_deref(), f.project.as_deref()), (None, Some(PA)));
         assert!(f.token_id.is_some());
-        let f = facts("DELETE", &format!("/api/v1/mcp/projects/{PA}/builds/{B1}"), &[&auth], &[]);
+        let f = facts("DELETE", &format!("/api/v1/mcp/projects/{PA}/builds/{B1}"), &[&auth], &[])?;
         assert_eq!((f.route.as_deref(), f.project.as_deref()), (None, Some(PA)));
+        Ok(())
     }
 
     #[test]
-    fn only_a_presented_secret_attributes() {
+    fn only_a_presented_secret_attributes() -> TestResult {
         // Unknown token with a real token_id: not attributed.
         let forged = format!("ib_mcp_{}{}", &tok(1)[7..23], "0".repeat(32));
-        let f = facts("GET", "/api/v1/mcp/projects", &[&format!("Bearer {forged}")], &[]);
+        let f = facts("GET", "/api/v1/mcp/projects", &[&format!("Bearer {forged}")], &[])?;
         assert_eq!((f.token_id, f.user_id), (None, None));
         // Malformed: nothing.
-        let f = facts("GET", "/api/v1/mcp/projects", &["Bearer ib_mcp_zz"], &[]);
+        let f = facts("GET", "/api/v1/mcp/projects", &["Bearer ib_mcp_zz"], &[])?;
         assert_eq!(f.token_id, None);
         // Elsewhere, any form: lowercase bearer, Basic, cookie.
         use base64::Engine;
@@ -515,7 +518,7 @@ mod tests {
         ] {
             let a: Vec<&str> = a.iter().map(String::as_str).collect();
             let c: Vec<&str> = c.iter().map(String::as_str).collect();
-            let f = facts("GET", &format!("/api/v1/projects/{PA}"), &a, &c);
+            let f = facts("GET", &format!("/api/v1/projects/{PA}"), &a, &c)?;
             assert_eq!(f.token_id.as_deref(), Some(&tok(1)[7..23]));
             assert_eq!((f.route, f.project), (None, None));
         }
@@ -523,10 +526,11 @@ mod tests {
         let auth = format!("Bearer {}", tok(1));
         let head = RequestHead { method: "GET", path: "/api/v1/mcp/projects", authorization: &[&auth], cookie: &[] };
         assert_eq!(RequestFacts::describe(&head, None, &RouteTable::default()).token_id, None);
+        Ok(())
     }
 
     #[test]
-    fn paths_never_keep_anything_token_like() {
+    fn paths_never_keep_anything_token_like() -> TestResult {
         let t = tok(7);
         assert_eq!(sanitize_path(&format!("/api/v1/mcp/{t}/x")), "/api/v1/mcp/[redacted]/x");
         assert_eq!(sanitize_path(&format!("/a/{}", t.to_uppercase())), "/a/[redacted]");
@@ -537,11 +541,12 @@ mod tests {
         let long = format!("/{}", "é".repeat(600));
         let s = sanitize_path(&long);
         assert!(s.len() <= MAX_PATH_BYTES && s.starts_with("/é"));
+        Ok(())
     }
 
     #[test]
-    fn outcomes() {
-        let mut r = facts("GET", "/api/v1/mcp/projects", &[], &[]).record(&origin(), 1, Verdict::Forward, None);
+    fn outcomes() -> TestResult {
+        let mut r = facts("GET", "/api/v1/mcp/projects", &[], &[])?.record(&origin(), 1, Verdict::Forward, None);
         for (status, o) in [
             (200, Outcome::Success),
             (302, Outcome::Success),
@@ -573,19 +578,21 @@ mod tests {
         }
         r.reason = Some("something_new".into());
         assert_eq!(outcome(&r, 403), Outcome::Forbidden);
+        Ok(())
     }
 
     #[test]
-    fn bad_records_are_refused_without_echo() {
+    fn bad_records_are_refused_without_echo() -> TestResult {
         assert!(AuditRecord::from_json(b"{}").is_err());
-        let e = AuditRecord::from_json(br#"{"schema":1,"secret":"ib_mcp_x""#).unwrap_err();
+        let Err(e) = AuditRecord::from_json(br#"{"schema":1,"secret":"ib_mcp_x""#) else { return Err("accepted".into()) };
         assert!(!e.0.contains("ib_mcp"));
-        let mut r = facts("GET", "/x", &[], &[]).record(&origin(), 1, Verdict::Forward, None);
+        let mut r = facts("GET", "/x", &[], &[])?.record(&origin(), 1, Verdict::Forward, None);
         r.seq = 0;
         assert!(AuditRecord::from_json(&r.to_json()).is_err());
         // Unknown fields (a newer writer) are accepted.
-        let mut v: serde_json::Value = serde_json::from_slice(&facts("GET", "/x", &[], &[]).record(&origin(), 3, Verdict::Forward, None).to_json()).unwrap();
+        let mut v: serde_json::Value = serde_json::from_slice(&facts("GET", "/x", &[], &[])?.record(&origin(), 3, Verdict::Forward, None).to_json())?;
         v["new_field"] = serde_json::json!(1);
-        assert_eq!(AuditRecord::from_json(v.to_string().as_bytes()).unwrap().seq, 3);
+        assert_eq!(AuditRecord::from_json(v.to_string().as_bytes())?.seq, 3);
+        Ok(())
     }
 }

@@ -203,6 +203,8 @@ impl<'a> Reader<'a> {
 mod tests {
     use super::*;
 
+    type TestResult<T = ()> = Result<T, Box<dyn std::error::Error>>;
+
     fn response(code: u64, remaining: u64, secs: u64, nanos: u64) -> Vec<u8> {
         let mut dur = Vec::new();
         put_varint_field(&mut dur, 1, secs);
@@ -219,29 +221,31 @@ mod tests {
     }
 
     #[test]
-    fn decodes_ok_and_over_limit() {
+    fn decodes_ok_and_over_limit() -> TestResult {
         assert_eq!(
-            decode_response(&response(1, 7, 2, 500_000_000)).unwrap(),
+            decode_response(&response(1, 7, 2, 500_000_000))?,
             Verdict { over_limit: false, remaining: 7, reset_ms: 2500 }
         );
         assert_eq!(
-            decode_response(&response(2, 0, 0, 1_000_000)).unwrap(),
+            decode_response(&response(2, 0, 0, 1_000_000))?,
             Verdict { over_limit: true, remaining: 0, reset_ms: 1 }
         );
         assert!(decode_response(&response(0, 0, 0, 0)).is_err());
         assert!(decode_response(&[]).is_err());
         assert!(decode_response(&[0x12, 0x05, 0x01]).is_err());
         assert!(decode_response(&[0xff; 12]).is_err());
+        Ok(())
     }
 
     #[test]
-    fn encodes_the_descriptor() {
+    fn encodes_the_descriptor() -> TestResult {
         let req = encode_request("u-1", "log", 10, 60);
         let text = String::from_utf8_lossy(&req);
         assert!(text.contains("infrabox-mcp") && text.contains("user") && text.contains("u-1") && text.contains("log"));
         assert!(!text.contains("window_seconds"));
         let req = encode_request("u-1", "log", 10, 5);
         assert!(String::from_utf8_lossy(&req).contains("window_seconds"));
+        Ok(())
     }
 
     proptest::proptest! {

@@ -404,36 +404,48 @@ mod tests {
     const PID: &str = "0b7a4c2e-1f3d-4c5b-9a8e-7d6c5b4a3f21";
     const JID: &str = "1b7a4c2e-1f3d-4c5b-9a8e-7d6c5b4a3f21";
 
+    type TestResult<T = ()> = Result<T, Box<dyn std::error::Error>>;
+
+    /// Why a table was refused (an error if it was accepted).
+    fn refusal(specs: Vec<RouteSpec>) -> TestResult<String> {
+        match RouteTable::from_specs(specs) {
+            Ok(_) => Err("accepted".into()),
+            Err(e) => Ok(e.0),
+        }
+    }
+
     #[test]
-    fn default_table_is_valid_and_complete() {
+    fn default_table_is_valid_and_complete() -> TestResult {
         let specs = default_specs();
         assert_eq!(specs.len(), 20);
-        let t = RouteTable::from_specs(specs).unwrap();
+        let t = RouteTable::from_specs(specs)?;
         assert_eq!(RouteTable::default().routes().len(), 20);
         assert!(t.routes().iter().filter(|r| r.kind() == Kind::Write).all(|r| r.class() == Class::Write));
+        Ok(())
     }
 
     #[test]
-    fn lookup_maps_paths() {
+    fn lookup_maps_paths() -> TestResult {
         let t = RouteTable::default();
         let Lookup::Found { route, params } = t.lookup("GET", &format!("/projects/{PID}/jobs/{JID}/log")) else {
-            panic!("not found")
+            return Err("jobs.log not found".into());
         };
-        let r = t.get(route).unwrap();
+        let r = t.get(route).ok_or("no such route")?;
         assert_eq!(r.name(), "jobs.log");
         assert_eq!(r.upstream_path(&params, Some("a=1")), format!("/api/v1/projects/{PID}/jobs/{JID}/console?a=1"));
-        let Lookup::Found { route, params } = t.lookup("GET", "/projects") else { panic!() };
-        assert_eq!(t.get(route).unwrap().upstream_path(&params, None), "/api/v1/projects/");
+        let Lookup::Found { route, params } = t.lookup("GET", "/projects") else { return Err("projects not found".into()) };
+        assert_eq!(t.get(route).ok_or("no such route")?.upstream_path(&params, None), "/api/v1/projects/");
         let Lookup::Found { route, params } = t.lookup("POST", &format!("/projects/{PID}/jobs/{JID}/rerun")) else {
-            panic!()
+            return Err("rerun not found".into());
         };
-        let r = t.get(route).unwrap();
+        let r = t.get(route).ok_or("no such route")?;
         assert_eq!(r.upstream_method(), "GET");
         assert_eq!(r.upstream_path(&params, Some("x=1")), format!("/api/v1/projects/{PID}/jobs/{JID}/rerun"));
+        Ok(())
     }
 
     #[test]
-    fn lookup_errors() {
+    fn lookup_errors() -> TestResult {
         let t = RouteTable::default();
         assert_eq!(
             t.lookup("GET", &format!("/projects/{PID}/trigger")),
@@ -447,22 +459,24 @@ mod tests {
         assert_eq!(t.lookup("GET", ""), Lookup::NotFound);
         assert!(matches!(t.lookup("GET", "/projects/not-a-uuid"), Lookup::BadId(_)));
         assert!(matches!(t.lookup("GET", &format!("/projects/{}", PID.to_uppercase())), Lookup::BadId(_)));
+        Ok(())
     }
 
     #[test]
-    fn invalid_tables_are_refused_with_a_reason() {
+    fn invalid_tables_are_refused_with_a_reason() -> TestResult {
         let mut dup = default_specs();
         dup.push(dup[0].clone());
-        assert!(RouteTable::from_specs(dup).unwrap_err().0.contains("twice"));
+        assert!(refusal(dup)?.contains("twice"));
         let mut bad = default_specs();
         bad[1].upstream_path = "/api/v1/projects/{job}".into();
-        assert!(RouteTable::from_specs(bad).unwrap_err().0.contains("does not bind"));
+        assert!(refusal(bad)?.contains("does not bind"));
         let mut bad = default_specs();
         bad[1].path = "projects".into();
         assert!(RouteTable::from_specs(bad).is_err());
         assert!(RouteTable::from_specs(vec![]).is_err());
         assert!(RouteTable::from_json(&serde_json::json!([{"name": "x"}])).is_err());
-        let json = serde_json::to_value(default_specs()).unwrap();
-        assert_eq!(RouteTable::from_json(&json).unwrap().routes().len(), 20);
+        let json = serde_json::to_value(default_specs())?;
+        assert_eq!(RouteTable::from_json(&json)?.routes().len(), 20);
+        Ok(())
     }
 }

@@ -66,6 +66,8 @@ pub fn tail_drop(total: u64, max: u64, seen: u64, chunk: usize) -> usize {
 mod tests {
     use super::*;
 
+    type TestResult<T = ()> = Result<T, Box<dyn std::error::Error>>;
+
     proptest::proptest! {
         #[test]
         fn streamed_chunks_keep_exactly_the_tail(
@@ -90,23 +92,25 @@ mod tests {
     }
 
     #[test]
-    fn keeps_only_projects_in_scope_byte_for_byte() {
+    fn keeps_only_projects_in_scope_byte_for_byte() -> TestResult {
         let body = br#"[{"id":"a","name":"A","type":"upload","public":false,"userrole":"Owner"}, {"name":"B","id":"b"},{"id":"c","x":{"nested":[1,2]}}]"#;
-        let out = filter_project_list(body, |id| id != "b").unwrap();
+        let out = filter_project_list(body, |id| id != "b")?;
         assert_eq!(
-            std::str::from_utf8(&out).unwrap(),
+            std::str::from_utf8(&out)?,
             r#"[{"id":"a","name":"A","type":"upload","public":false,"userrole":"Owner"},{"id":"c","x":{"nested":[1,2]}}]"#
         );
-        assert_eq!(filter_project_list(b"[]", |_| true).unwrap(), b"[]");
-        assert_eq!(filter_project_list(br#"[{"id":"a"}]"#, |_| false).unwrap(), b"[]");
+        assert_eq!(filter_project_list(b"[]", |_| true)?, b"[]");
+        assert_eq!(filter_project_list(br#"[{"id":"a"}]"#, |_| false)?, b"[]");
         assert!(filter_project_list(b"{}", |_| true).is_err());
         assert!(filter_project_list(b"[1]", |_| true).is_err());
         assert!(filter_project_list(b"[", |_| true).is_err());
+        Ok(())
     }
 
     #[test]
-    fn tail() {
+    fn tail() -> TestResult {
         assert_eq!(tail_excess(10, 4), 6);
         assert_eq!(tail_excess(3, 4), 0);
+        Ok(())
     }
 }

@@ -150,18 +150,21 @@ fn is_lower_hex(b: u8) -> bool {
 mod tests {
     use super::*;
 
+    type TestResult<T = ()> = Result<T, Box<dyn std::error::Error>>;
+
     const GOOD: &str = "ib_mcp_0123456789abcdef0123456789abcdef0123456789abcdef";
 
     #[test]
-    fn accepts_the_exact_shape() {
-        let t = Token::parse(GOOD).unwrap();
+    fn accepts_the_exact_shape() -> TestResult {
+        let t = Token::parse(GOOD)?;
         assert_eq!(t.token_id(), "0123456789abcdef");
         assert_eq!(hex::encode(t.hash()), hash_hex(GOOD));
         assert!(!format!("{t:?}").contains("0123456789abcdef0123"));
+        Ok(())
     }
 
     #[test]
-    fn rejects_other_shapes() {
+    fn rejects_other_shapes() -> TestResult {
         for bad in [
             "",
             "ib_mcp_",
@@ -175,21 +178,23 @@ mod tests {
         ] {
             assert!(Token::parse(bad).is_err(), "{bad:?} should be rejected");
         }
+        Ok(())
     }
 
     #[test]
-    fn mint_round_trips() {
+    fn mint_round_trips() -> TestResult {
         let t = mint(&[0xab; 24]);
         assert_eq!(t.len(), TOKEN_LEN);
-        let parsed = Token::parse(&t).unwrap();
+        let parsed = Token::parse(&t)?;
         assert_eq!(parsed.token_id(), "abababababababab");
         assert!(is_token_id(parsed.token_id()));
         assert_eq!(parse_hash_hex(&hash_hex(&t)), Some(hash(&t)));
         assert_eq!(parse_hash_hex("ABC"), None);
+        Ok(())
     }
 
     #[test]
-    fn hash_hex_decodes_every_digit_and_refuses_anything_else() {
+    fn hash_hex_decodes_every_digit_and_refuses_anything_else() -> TestResult {
         let all: String = "0123456789abcdef".repeat(4);
         let want: Vec<u8> = [0x01, 0x23, 0x45, 0x67, 0x89, 0xab, 0xcd, 0xef].repeat(4);
         assert_eq!(parse_hash_hex(&all).map(|h| h.to_vec()), Some(want));
@@ -204,5 +209,6 @@ mod tests {
         assert_eq!(parse_hash_hex(&all[..63]), None);
         assert_eq!(parse_hash_hex_bytes(&[b'0'; 65]), None);
         assert_eq!(parse_hash_hex_bytes(&[0xff; 64]), None);
+        Ok(())
     }
 }
