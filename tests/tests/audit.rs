@@ -236,24 +236,23 @@ async fn every_decision_through_envoy_becomes_exactly_one_row() {
         let hit = rows.iter().find(|r| r.get::<Option<String>, _>("request_id").as_deref() == Some(id.as_str()));
         assert_eq!(hit.map(|r| r.get::<String, _>("outcome")).as_deref(), Some(*outcome), "request id {id}");
     }
-    // last_used_at comes from audit.
-    let used: Option<chrono::NaiveDateTime> = sqlx::query("SELECT last_used_at FROM mcp_token WHERE token_id = $1")
-        .bind(&tid)
-        .fetch_one(&s.db)
-        .await
-        .unwrap()
-        .get("last_used_at");
-    assert!(used.is_some(), "last_used_at was not set from audit");
+    // last_used_at comes from audit (written right after the rows' commit).
+    let last_used = || async {
+        let used: Option<chrono::NaiveDateTime> = sqlx::query("SELECT last_used_at FROM mcp_token WHERE token_id = $1")
+            .bind(&tid)
+            .fetch_one(&s.db)
+            .await?
+            .get("last_used_at");
+        Ok::<_, anyhow::Error>(used)
+    };
+    let set = s.wait_until(Duration::from_secs(5), || async { Ok(last_used().await?.is_some()) }).await;
+    assert!(set.is_ok(), "last_used_at was not set from audit");
+    let used = last_used().await.unwrap();
     // ... and moves at most once a minute: another use now leaves it as is.
     let r = s.send(bearer(RawRequest::get(&mcp(&p0.to_string())), &token)).await.unwrap();
     assert_eq!(r.status, 200);
     wait_audited(&s, (base + n + 1) as i64, Duration::from_secs(15)).await;
-    let later: Option<chrono::NaiveDateTime> = sqlx::query("SELECT last_used_at FROM mcp_token WHERE token_id = $1")
-        .bind(&tid)
-        .fetch_one(&s.db)
-        .await
-        .unwrap()
-        .get("last_used_at");
+    let later = last_used().await.unwrap();
     assert_eq!(later, used, "last_used_at moved twice within a minute");
     // Nothing was lost.
     let m = wait_metric(&s, "mcp_audit_rows_written_total", base + n + 1).await;
