@@ -22,6 +22,9 @@ pub struct Config {
     /// Longest one rate-limit decision may wait for Redis.
     pub redis_timeout: Duration,
     pub snapshot_secret: String,
+    /// Credential Envoy and the filter present on the gRPC listener
+    /// (`MCP_GRPC_SECRET`, default: the snapshot secret). Never logged.
+    pub grpc_secret: String,
     /// InfraBox's RSA public key (PEM), verifies session JWTs.
     pub infrabox_public_key_pem: Vec<u8>,
     pub limits: Limits,
@@ -89,6 +92,10 @@ impl Config {
         if snapshot_secret.chars().count() < 16 {
             return Err(ConfigError("MCP_SNAPSHOT_SECRET must be at least 16 characters".into()));
         }
+        let grpc_secret = get("MCP_GRPC_SECRET").unwrap_or_else(|| snapshot_secret.clone());
+        if grpc_secret.chars().count() < 16 {
+            return Err(ConfigError("MCP_GRPC_SECRET must be at least 16 characters".into()));
+        }
         let infrabox_public_key_pem = match (get("INFRABOX_PUBLIC_KEY"), get("INFRABOX_PUBLIC_KEY_PATH")) {
             (Some(pem), _) => pem.into_bytes(),
             (None, Some(path)) => std::fs::read(&path).map_err(|e| {
@@ -128,6 +135,7 @@ impl Config {
             redis_url,
             redis_timeout: Duration::from_millis(redis_timeout),
             snapshot_secret,
+            grpc_secret,
             infrabox_public_key_pem,
             limits: Limits { window_seconds: window_seconds as u32, classes },
             scope_refresh: Duration::from_secs(scope_refresh),
@@ -192,6 +200,18 @@ mod tests {
 
     fn load(m: &HashMap<&'static str, String>) -> Result<Config, ConfigError> {
         Config::from_lookup(|k| m.get(k).cloned())
+    }
+
+    #[test]
+    fn the_grpc_secret_defaults_to_the_snapshot_secret() {
+        let c = load(&base()).unwrap();
+        assert_eq!(c.grpc_secret, c.snapshot_secret);
+        let mut m = base();
+        m.insert("MCP_GRPC_SECRET", "another-secret-of-enough-length".into());
+        assert_eq!(load(&m).unwrap().grpc_secret, "another-secret-of-enough-length");
+        m.insert("MCP_GRPC_SECRET", "short".into());
+        let e = load(&m).unwrap_err();
+        assert!(e.0.contains("MCP_GRPC_SECRET") && !e.0.contains("short"), "{e}");
     }
 
     #[test]

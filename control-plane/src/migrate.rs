@@ -13,6 +13,7 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
     (2, "0002_upstream_credentials", include_str!("../../migrations/0002_upstream_credentials.sql")),
     (3, "0003_audit", include_str!("../../migrations/0003_audit.sql")),
     (4, "0004_token_change_payload", include_str!("../../migrations/0004_token_change_payload.sql")),
+    (5, "0005_coalesced_denials", include_str!("../../migrations/0005_coalesced_denials.sql")),
 ];
 
 /// Advisory lock key: "mcpmigr" in ASCII.

@@ -16,6 +16,8 @@ use tokio::sync::watch;
 use crate::audit::ingest::AccessLogIngest;
 use crate::audit::metrics::AuditMetrics;
 use crate::config::Config;
+use crate::internal_auth::{BearerSecret, InternalAuthMetrics, Service};
+use crate::ownership::{OwnershipMetrics, PgOwnership};
 use crate::ratelimit::coalesce::Coalescing;
 use crate::ratelimit::metrics::RateLimitMetrics;
 use crate::ratelimit::redis_store::RedisWindows;
@@ -69,18 +71,35 @@ pub async fn run(config: Config, shutdown: watch::Receiver<bool>) -> Result<(), 
         credentials,
     };
     let public = with_common_layers(crate::token_api::router(api));
-    let ratelimit_metrics = Arc::new(RateLimitMetrics::default());
-    let audit_metrics = Arc::new(AuditMetrics::default());
+    let metrics = Metrics::default();
     let (audit_ingest, audit_tasks) =
-        crate::audit::start(pool.clone(), &config.audit, audit_metrics.clone(), shutdown.clone());
+        crate::audit::start(pool.clone(), &config.audit, metrics.audit.clone(), shutdown.clone());
+    let summaries = crate::audit::summaries::Summaries::new(
+        pool.clone(),
+        &config.snapshot_secret,
+        metrics.audit.clone(),
+        metrics.internal_auth.clone(),
+    );
     let internal = with_common_layers(
-        crate::snapshot::serve::router(SnapshotService::new(&config.snapshot_secret, current, shutdown.clone()))
-            .merge(metrics_router(ratelimit_metrics.clone(), audit_metrics)),
+        crate::snapshot::serve::router(SnapshotService::new(
+            &config.snapshot_secret,
+            current,
+            shutdown.clone(),
+            metrics.internal_auth.clone(),
+        ))
+        .merge(crate::audit::summaries::router(summaries))
+        .merge(metrics_router(metrics.clone())),
     );
     // Lazy: Redis may be down now; decisions answer UNAVAILABLE until it is back.
-    let windows = RedisWindows::new(&config.redis_url, config.redis_timeout, ratelimit_metrics.clone())
+    let windows = RedisWindows::new(&config.redis_url, config.redis_timeout, metrics.ratelimit.clone())
         .map_err(|e| StartupError(format!("REDIS_URL: {e}")))?;
-    let grpc = grpc_router(RateLimitGrpc::new(windows, ratelimit_metrics), audit_ingest);
+    let ownership = PgOwnership::new(pool.clone(), OWNERSHIP_CACHE_ROWS, metrics.ownership.clone());
+    let grpc = grpc_router(
+        RateLimitGrpc::new(windows, ownership, metrics.ratelimit.clone()),
+        audit_ingest,
+        &BearerSecret::new(&config.grpc_secret),
+        metrics.internal_auth.clone(),
+    );
 
     let http = bind(config.http_addr, "MCP_HTTP_ADDR").await?;
     let internal_listener = bind(config.internal_addr, "MCP_INTERNAL_ADDR").await?;
@@ -105,26 +124,46 @@ pub async fn run(config: Config, shutdown: watch::Receiver<bool>) -> Result<(), 
     ra.and(rb).map_err(|e| StartupError(format!("server error: {e}")))
 }
 
-/// The gRPC services Envoy calls, on one listener (`MCP_GRPC_ADDR`);
-/// another service is one more `.add_service(...)`.
-pub fn grpc_router(ratelimit: RateLimitGrpc<RedisWindows>, audit: AccessLogIngest) -> tonic::transport::server::Router {
+/// Build/job rows the ownership cache keeps (about 64 bytes each).
+const OWNERSHIP_CACHE_ROWS: usize = 200_000;
+
+/// Every counter the internal listener's `/metrics` renders.
+#[derive(Clone, Default)]
+struct Metrics {
+    ratelimit: Arc<RateLimitMetrics>,
+    audit: Arc<AuditMetrics>,
+    ownership: Arc<OwnershipMetrics>,
+    internal_auth: Arc<InternalAuthMetrics>,
+}
+
+/// The gRPC services Envoy calls, on one listener (`MCP_GRPC_ADDR`), each
+/// behind the internal credential check; another service is one more
+/// `.add_service(...)`.
+pub fn grpc_router(
+    ratelimit: RateLimitGrpc<RedisWindows, PgOwnership>,
+    audit: AccessLogIngest,
+    secret: &BearerSecret,
+    auth_metrics: Arc<InternalAuthMetrics>,
+) -> tonic::transport::server::Router {
+    use tonic::service::interceptor::InterceptedService;
     tonic::transport::Server::builder()
         .tcp_nodelay(true)
-        .add_service(ratelimit.into_server())
-        .add_service(audit.into_server())
+        .add_service(InterceptedService::new(ratelimit.into_server(), secret.interceptor(auth_metrics.clone(), Service::RateLimit)))
+        .add_service(InterceptedService::new(audit.into_server(), secret.interceptor(auth_metrics, Service::AccessLog)))
 }
 
 /// `GET /metrics` on the internal listener: Prometheus text.
-fn metrics_router(ratelimit: Arc<RateLimitMetrics>, audit: Arc<AuditMetrics>) -> Router {
+fn metrics_router(metrics: Metrics) -> Router {
     Router::new().route(
         "/metrics",
         axum::routing::get(move || {
-            let ratelimit = ratelimit.clone();
-            let audit = audit.clone();
+            let m = metrics.clone();
             async move {
                 let mut out = String::new();
-                ratelimit.render(&mut out);
-                audit.render(&mut out);
+                m.ratelimit.render(&mut out);
+                m.audit.render(&mut out);
+                m.ownership.render(&mut out);
+                m.internal_auth.render(&mut out);
                 ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], out)
             }
         }),

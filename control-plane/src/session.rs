@@ -22,6 +22,9 @@ pub struct Session {
     /// The verified JWT, to call InfraBox on the user's behalf (upstream
     /// credentials). Never logged.
     pub jwt: SessionJwt,
+    /// It came from the `token` cookie (which a browser attaches to
+    /// cross-site requests too), not from an `Authorization` header.
+    pub from_cookie: bool,
 }
 
 /// A verified session JWT; its `Debug` is redacted.
@@ -74,7 +77,7 @@ impl SessionVerifier {
 
     /// Authenticates the request headers.
     pub fn authenticate(&self, headers: &HeaderMap) -> Result<Session, ApiError> {
-        let raw = credential(headers)?;
+        let (raw, from_cookie) = credential(headers)?;
         if raw.starts_with(PREFIX) {
             return Err(ApiError::unauthorized(
                 "mcp_token_not_allowed",
@@ -87,12 +90,13 @@ impl SessionVerifier {
             return Err(invalid());
         }
         let id = data.claims.user.and_then(|u| u.id.as_str().and_then(|s| Uuid::parse_str(s).ok())).ok_or_else(invalid)?;
-        Ok(Session { user_id: id, jwt: SessionJwt(raw.to_string()) })
+        Ok(Session { user_id: id, jwt: SessionJwt(raw.to_string()), from_cookie })
     }
 }
 
-/// The raw credential from `Authorization` or the `token` cookie.
-fn credential(headers: &HeaderMap) -> Result<&str, ApiError> {
+/// The raw credential from `Authorization` or the `token` cookie, and
+/// whether it was the cookie.
+fn credential(headers: &HeaderMap) -> Result<(&str, bool), ApiError> {
     let missing = || ApiError::unauthorized("missing_session", "authentication required: sign in to InfraBox");
     if let Some(value) = headers.get(header::AUTHORIZATION) {
         let value = value
@@ -102,7 +106,7 @@ fn credential(headers: &HeaderMap) -> Result<&str, ApiError> {
         let (scheme, rest) = value.split_once(char::is_whitespace).unwrap_or((value, ""));
         let rest = rest.trim();
         if rest.starts_with(PREFIX) || scheme.starts_with(PREFIX) {
-            return Ok(if rest.is_empty() { scheme } else { rest });
+            return Ok((if rest.is_empty() { scheme } else { rest }, false));
         }
         if !(scheme.eq_ignore_ascii_case("bearer") || scheme.eq_ignore_ascii_case("token")) {
             return Err(ApiError::unauthorized(
@@ -113,7 +117,7 @@ fn credential(headers: &HeaderMap) -> Result<&str, ApiError> {
         if rest.is_empty() {
             return Err(missing());
         }
-        return Ok(rest);
+        return Ok((rest, false));
     }
     for cookies in headers.get_all(header::COOKIE) {
         let Ok(cookies) = cookies.to_str() else { continue };
@@ -122,7 +126,7 @@ fn credential(headers: &HeaderMap) -> Result<&str, ApiError> {
                 if name.trim() == "token" {
                     let value = value.trim().trim_matches('"');
                     if !value.is_empty() {
-                        return Ok(value);
+                        return Ok((value, true));
                     }
                 }
             }
@@ -146,12 +150,12 @@ mod tests {
 
     #[test]
     fn credential_sources() {
-        assert_eq!(credential(&headers(&[("authorization", "Bearer abc")])).unwrap(), "abc");
-        assert_eq!(credential(&headers(&[("authorization", "bearer  abc ")])).unwrap(), "abc");
-        assert_eq!(credential(&headers(&[("authorization", "TOKEN abc")])).unwrap(), "abc");
-        assert_eq!(credential(&headers(&[("cookie", "a=b; token=xyz; c=d")])).unwrap(), "xyz");
+        assert_eq!(credential(&headers(&[("authorization", "Bearer abc")])).unwrap(), ("abc", false));
+        assert_eq!(credential(&headers(&[("authorization", "bearer  abc ")])).unwrap(), ("abc", false));
+        assert_eq!(credential(&headers(&[("authorization", "TOKEN abc")])).unwrap(), ("abc", false));
+        assert_eq!(credential(&headers(&[("cookie", "a=b; token=xyz; c=d")])).unwrap(), ("xyz", true));
         // Authorization wins over the cookie.
-        assert_eq!(credential(&headers(&[("authorization", "Bearer abc"), ("cookie", "token=xyz")])).unwrap(), "abc");
+        assert_eq!(credential(&headers(&[("authorization", "Bearer abc"), ("cookie", "token=xyz")])).unwrap(), ("abc", false));
         assert_eq!(credential(&headers(&[])).unwrap_err().code, "missing_session");
         assert_eq!(credential(&headers(&[("authorization", "Basic Zm9v")])).unwrap_err().code, "invalid_session");
     }

@@ -39,6 +39,9 @@ pub struct AuditMetrics {
     pub retention_deleted: AtomicU64,
     /// `last_used_at` updates sent.
     pub last_used_updates: AtomicU64,
+    /// Coalesced denial rows written, and the denials they stand for.
+    pub coalesced_rows: AtomicU64,
+    pub coalesced_requests: AtomicU64,
 }
 
 impl AuditMetrics {
@@ -58,6 +61,13 @@ impl AuditMetrics {
             let _ = writeln!(out, "{name} {}", Self::get(value));
         };
         metric("mcp_audit_entries_received_total", "counter", "Access-log entries received from Envoy.", &self.entries_received);
+        metric("mcp_audit_coalesced_rows_total", "counter", "Rows standing for several identical denials.", &self.coalesced_rows);
+        metric(
+            "mcp_audit_coalesced_requests_total",
+            "counter",
+            "Denials counted into coalesced rows.",
+            &self.coalesced_requests,
+        );
         metric(
             "mcp_audit_entries_without_record_total",
             "counter",

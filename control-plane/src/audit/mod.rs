@@ -22,6 +22,7 @@ pub mod metrics;
 pub mod retention;
 pub mod row;
 pub mod sink;
+pub mod summaries;
 pub mod writer;
 
 use std::sync::Arc;

@@ -9,11 +9,11 @@ use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
-use sha2::{Digest, Sha256};
 use tokio::sync::watch;
 
 use super::publisher::{Current, Published};
 use crate::error::ApiError;
+use crate::internal_auth::{BearerSecret, InternalAuthMetrics, Service};
 
 /// Longest long-poll, seconds.
 pub const MAX_WAIT_SECONDS: u64 = 300;
@@ -21,25 +21,24 @@ pub const MAX_WAIT_SECONDS: u64 = 300;
 /// State of the internal routes.
 #[derive(Clone)]
 pub struct SnapshotService {
-    secret_digest: [u8; 32],
+    secret: BearerSecret,
     current: Current,
     shutdown: watch::Receiver<bool>,
+    auth_metrics: Arc<InternalAuthMetrics>,
 }
 
 impl SnapshotService {
-    pub fn new(secret: &str, current: Current, shutdown: watch::Receiver<bool>) -> Self {
-        Self { secret_digest: Sha256::digest(secret.as_bytes()).into(), current, shutdown }
+    pub fn new(secret: &str, current: Current, shutdown: watch::Receiver<bool>, auth_metrics: Arc<InternalAuthMetrics>) -> Self {
+        Self { secret: BearerSecret::new(secret), current, shutdown, auth_metrics }
     }
 
     /// Constant-time check of `Authorization: Bearer <secret>`.
     fn authorized(&self, headers: &HeaderMap) -> bool {
-        let Some(v) = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()) else { return false };
-        let Some((scheme, presented)) = v.trim().split_once(' ') else { return false };
-        if !scheme.eq_ignore_ascii_case("bearer") {
-            return false;
+        let ok = self.secret.admits(headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()));
+        if !ok {
+            self.auth_metrics.refused(Service::Snapshot);
         }
-        let presented: [u8; 32] = Sha256::digest(presented.trim().as_bytes()).into();
-        presented.iter().zip(self.secret_digest.iter()).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0
+        ok
     }
 }
 
@@ -176,7 +175,7 @@ mod tests {
     fn bearer_secret_check() {
         let (_tx, rx) = watch::channel(None);
         let (_s, srx) = watch::channel(false);
-        let svc = SnapshotService::new("0123456789abcdef", rx, srx);
+        let svc = SnapshotService::new("0123456789abcdef", rx, srx, Arc::default());
         let h = |v: &str| {
             let mut h = HeaderMap::new();
             h.insert(header::AUTHORIZATION, HeaderValue::from_str(v).unwrap());

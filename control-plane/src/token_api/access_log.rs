@@ -94,7 +94,7 @@ pub async fn list(
     }
     let rows = sqlx::query(
         "SELECT id, accessed_at, action, outcome, method, path, status_code, duration_us, bytes_in, bytes_out, \
-                project_id, route, class, error, ip, request_id, details \
+                project_id, route, class, error, ip, request_id, details, count \
          FROM mcp_access_log \
          WHERE token_id = $1 AND user_id = $2 \
            AND ($3::timestamp IS NULL OR (accessed_at, id) < ($3::timestamp, $4::uuid)) \
@@ -139,6 +139,8 @@ fn item(r: &PgRow) -> Result<Value, sqlx::Error> {
         "ip": r.try_get::<Option<String>, _>("ip")?,
         "request_id": r.try_get::<Option<String>, _>("request_id")?,
         "details": r.try_get::<Option<Value>, _>("details")?,
+        // More than 1: identical denials coalesced into this row.
+        "count": r.try_get::<i32, _>("count")?,
     }))
 }
 

@@ -17,7 +17,7 @@ use std::sync::Arc;
 
 use axum::extract::{FromRequest, FromRequestParts, Path, Request, State};
 use axum::http::request::Parts;
-use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
@@ -70,12 +70,58 @@ impl FromRequestParts<TokenApi> for Caller {
 
     async fn from_request_parts(parts: &mut Parts, api: &TokenApi) -> Result<Self, ApiError> {
         let session = api.sessions.authenticate(&parts.headers)?;
+        if session.from_cookie {
+            same_origin(&parts.method, &parts.headers)?;
+        }
         if !api.store.user_exists(session.user_id).await? {
             return Err(ApiError::unauthorized("unknown_user", "the session's user does not exist in InfraBox"));
         }
         let request_id = parts.extensions.get::<RequestId>().map(|r| r.0.clone()).unwrap_or_default();
         Ok(Caller(Actor { user_id: session.user_id, session: session.jwt, ip: client_ip(&parts.headers), request_id }))
     }
+}
+
+/// A change authenticated by the `token` cookie must come from InfraBox's
+/// own pages: InfraBox sets that cookie without `SameSite`, so a browser
+/// attaches it to a form another site posts. Such a POST can only carry a
+/// form or plain-text content type, so a JSON one is required; a browser's
+/// cross-site `Origin` or `Sec-Fetch-Site` is refused for every change
+/// (PATCH and DELETE cannot be sent cross-site without a CORS preflight,
+/// which this API never grants; the dashboard revokes with a bodiless
+/// DELETE). Requests authenticated by an `Authorization` header are not
+/// affected: no browser adds one on its own.
+fn same_origin(method: &Method, headers: &HeaderMap) -> Result<(), ApiError> {
+    if matches!(*method, Method::GET | Method::HEAD | Method::OPTIONS) {
+        return Ok(());
+    }
+    let refuse = |why: &str| {
+        Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "cross_site_request",
+            format!("a change authenticated by the session cookie must come from the InfraBox site itself ({why})"),
+        ))
+    };
+    let text = |name: header::HeaderName| headers.get(name).map(|v| v.to_str().unwrap_or("\u{fffd}").trim().to_ascii_lowercase());
+    if let Some(site) = headers.get("sec-fetch-site").map(|v| v.to_str().unwrap_or_default().trim().to_ascii_lowercase()) {
+        if !matches!(site.as_str(), "same-origin" | "none") {
+            return refuse("Sec-Fetch-Site is not same-origin");
+        }
+    }
+    if let Some(origin) = text(header::ORIGIN) {
+        let host = text(header::HOST).unwrap_or_default();
+        let origin_host = origin.strip_prefix("https://").or_else(|| origin.strip_prefix("http://"));
+        if origin_host != Some(host.as_str()) || host.is_empty() {
+            return refuse("Origin is another site");
+        }
+    }
+    if *method == Method::POST {
+        let mime = text(header::CONTENT_TYPE).unwrap_or_default();
+        let mime = mime.split(';').next().unwrap_or_default().trim();
+        if !(mime == "application/json" || (mime.starts_with("application/") && mime.ends_with("+json"))) {
+            return refuse("Content-Type must be application/json");
+        }
+    }
+    Ok(())
 }
 
 /// A request body that must be a JSON value; every failure is a JSON 400.
@@ -119,13 +165,73 @@ impl ClassifyName for serde_json::Error {
     }
 }
 
+/// The header the ingress sets to the client address Envoy established (its
+/// peer, or the address `xff_num_trusted_hops` trusts), overwriting any a
+/// client sent. Nothing the client chooses (`X-Forwarded-For`,
+/// `X-Real-IP`) is read.
+pub const CLIENT_ADDRESS_HEADER: &str = "x-mcp-client-address";
+
 fn client_ip(headers: &HeaderMap) -> Option<String> {
-    let v = headers
-        .get("x-envoy-external-address")
-        .and_then(|v| v.to_str().ok())
-        .or_else(|| headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()).and_then(|v| v.split(',').next()))?
-        .trim();
-    (!v.is_empty()).then(|| v.chars().take(64).collect())
+    let v = headers.get(CLIENT_ADDRESS_HEADER)?.to_str().ok()?.trim();
+    v.parse::<std::net::IpAddr>().ok().map(|ip| ip.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            if let (Ok(k), Ok(v)) = (header::HeaderName::from_bytes(k.as_bytes()), HeaderValue::from_str(v)) {
+                h.append(k, v);
+            }
+        }
+        h
+    }
+
+    #[test]
+    fn cookie_sessions_must_come_from_the_same_site() {
+        let json = ("content-type", "application/json");
+        let host = ("host", "infrabox.example.com");
+        let ok: Vec<(Method, Vec<(&str, &str)>)> = vec![
+            (Method::GET, vec![]),
+            (Method::POST, vec![json, host]),
+            (Method::POST, vec![("content-type", "application/json; charset=utf-8"), host, ("origin", "https://infrabox.example.com")]),
+            (Method::POST, vec![json, host, ("sec-fetch-site", "same-origin")]),
+            (Method::DELETE, vec![host]),
+            (Method::PATCH, vec![json, host, ("origin", "https://infrabox.example.com")]),
+        ];
+        for (m, h) in ok {
+            assert!(same_origin(&m, &headers(&h)).is_ok(), "{m} {h:?}");
+        }
+        let refused: Vec<(Method, Vec<(&str, &str)>)> = vec![
+            (Method::POST, vec![host]),
+            (Method::POST, vec![("content-type", "application/x-www-form-urlencoded"), host]),
+            (Method::POST, vec![("content-type", "text/plain"), host]),
+            (Method::POST, vec![("content-type", "multipart/form-data; boundary=x"), host]),
+            (Method::POST, vec![("content-type", "text/plain; application/json"), host]),
+            (Method::POST, vec![json, host, ("origin", "https://evil.example")]),
+            (Method::POST, vec![json, host, ("origin", "null")]),
+            (Method::POST, vec![json, host, ("origin", "https://infrabox.example.com.evil.example")]),
+            (Method::POST, vec![json, host, ("sec-fetch-site", "cross-site")]),
+            (Method::POST, vec![json, host, ("sec-fetch-site", "same-site")]),
+            (Method::DELETE, vec![host, ("origin", "https://evil.example")]),
+            (Method::DELETE, vec![host, ("sec-fetch-site", "cross-site")]),
+        ];
+        for (m, h) in refused {
+            let e = same_origin(&m, &headers(&h)).err();
+            assert_eq!(e.map(|e| e.code), Some("cross_site_request"), "{m} {h:?}");
+        }
+    }
+
+    #[test]
+    fn the_client_address_is_the_one_envoy_set() {
+        assert_eq!(client_ip(&headers(&[(CLIENT_ADDRESS_HEADER, "203.0.113.7")])).as_deref(), Some("203.0.113.7"));
+        assert_eq!(client_ip(&headers(&[(CLIENT_ADDRESS_HEADER, "2001:db8::1")])).as_deref(), Some("2001:db8::1"));
+        assert_eq!(client_ip(&headers(&[("x-forwarded-for", "6.6.6.6"), ("x-real-ip", "6.6.6.6")])), None);
+        assert_eq!(client_ip(&headers(&[(CLIENT_ADDRESS_HEADER, "6.6.6.6, 1.1.1.1")])), None);
+    }
 }
 
 fn checked_token_id(raw: &str) -> Result<&str, ApiError> {

@@ -97,6 +97,14 @@ fn name(v: &Value) -> Result<String, ApiError> {
     if s.chars().any(char::is_control) {
         return Err(ApiError::bad_request("name must not contain control characters"));
     }
+    // Format characters (Unicode category Cf): bidirectional overrides and
+    // isolates, zero-width characters, tags. They make a name display as
+    // something it is not (a "Trojan Source" name in the token list).
+    if s.chars().any(|c| unicode_general_category::get_general_category(c) == unicode_general_category::GeneralCategory::Format) {
+        return Err(ApiError::bad_request(
+            "name must not contain invisible format characters (Unicode category Cf: bidirectional controls, zero-width characters)",
+        ));
+    }
     Ok(s.to_owned())
 }
 
@@ -172,6 +180,14 @@ mod tests {
             (json!({"name": "   "}), "name must be 1-128"),
             (json!({"name": "a".repeat(129)}), "name must be 1-128"),
             (json!({"name": 5}), "name must be a string"),
+            (json!({"name": "ci\u{0007}"}), "control characters"),
+            (json!({"name": "invoice\u{202E}fdp.exe"}), "format characters"),
+            (json!({"name": "a\u{2066}b\u{2069}"}), "format characters"),
+            (json!({"name": "zero\u{200B}width"}), "format characters"),
+            (json!({"name": "bom\u{FEFF}"}), "format characters"),
+            (json!({"name": "soft\u{00AD}hyphen"}), "format characters"),
+            (json!({"name": "tag\u{E0041}"}), "format characters"),
+            (json!({"name": "lrm\u{200E}"}), "format characters"),
             (json!({"name": "x", "enabled_projects": []}), "must be an object"),
             (json!({"name": "x", "enabled_projects": {"p1": null}}), "UUIDs"),
             (json!({"name": "x", "enabled_projects": {P: "soon"}}), "RFC 3339"),
@@ -186,6 +202,8 @@ mod tests {
             assert!(e.message.contains(needle), "{body}: {}", e.message);
         }
         assert_eq!(parse_create(&json!({"name": "a".repeat(128), "expires_days": 7}), 365).unwrap().expires_days, 7);
+        // Letters, marks and emoji of any script are fine.
+        assert_eq!(parse_create(&json!({"name": "Überprüfung – 検証 🚀 نص"}), 365).unwrap().name, "Überprüfung – 検証 🚀 نص");
         assert!(parse_create(&json!({"name": "x", "expires_days": "7"}), 365).is_err(), "strings are not integers");
         assert!(parse_create(&json!({"name": "x", "expires_days": 400}), 500).is_ok());
     }

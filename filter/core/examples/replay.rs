@@ -9,8 +9,9 @@
 use std::collections::BTreeMap;
 use std::hint::black_box;
 
-use mcp_filter_core::pipeline::{admit, authorize, Admission, RequestHead};
-use mcp_filter_core::route::RouteTable;
+use mcp_filter_core::config::PluginConfig;
+use mcp_filter_core::ownership::Ownership;
+use mcp_filter_core::pipeline::{admit, authorize, request_headers, Admission, RequestHead};
 use mcp_filter_core::policy::Policy;
 use mcp_filter_core::snapshot::{Limits, Snapshot, SnapshotToken, SnapshotUser, SCHEMA};
 use mcp_filter_core::token;
@@ -62,7 +63,13 @@ fn main() {
     let n: u32 = args.get(2).and_then(|s| s.parse().ok()).unwrap_or(1000);
     let tokens: u32 = args.get(3).and_then(|s| s.parse().ok()).unwrap_or(100);
     let policy = policy(tokens);
-    let routes = RouteTable::default();
+    let config = match PluginConfig::parse(br#"{"snapshot_secret":"0123456789abcdef","hosts":["infrabox.test"]}"#) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("{e}");
+            std::process::exit(2);
+        }
+    };
     let good = format!("Bearer {}", secret(tokens / 2));
     let unknown = format!("Bearer {}", secret(tokens + 7));
     let malformed = format!("Bearer {}0", secret(1));
@@ -79,12 +86,22 @@ fn main() {
             std::process::exit(2);
         }
     };
+    // What a typical client sends besides its credential.
+    let mut others: Vec<(&str, &str)> = vec![
+        ("user-agent", "python-httpx/0.28.1"),
+        ("accept", "application/json"),
+        ("x-forwarded-proto", "https"),
+        ("x-request-id", "4c6f0e1e-8f7a-4b1e-9d55-2f1c3b7a9e10"),
+    ];
+    others.extend(auth.iter().map(|a| ("authorization", *a)));
+    others.extend(cookies.iter().map(|c| ("cookie", *c)));
+    let headers = request_headers("GET", path, "infrabox.test", &others);
     let mut forwarded = 0u32;
     for _ in 0..n {
-        let head = RequestHead { method: "GET", path: black_box(path), authorization: &auth, cookie: &cookies };
-        match admit(&head, Some(&policy), &routes, 1_000) {
+        let head = RequestHead::new(black_box(&headers));
+        match admit(&head, Some(&policy), &config, 1_000) {
             Admission::Admitted(a) => {
-                if authorize(&a, &policy, &routes, 1_000).is_ok() {
+                if authorize(&a, &policy, &config.routes, 1_000, Ownership::Confirmed).is_ok() {
                     forwarded += 1;
                 }
             }

@@ -149,14 +149,16 @@ impl RequestFacts {
     /// Describes a request: client method and sanitized path, the matched
     /// route (name, class, project) on the MCP surface, and the token and
     /// user when the request carries the full secret of a token in `policy`.
-    pub fn describe(head: &RequestHead<'_>, policy: Option<&Policy>, routes: &RouteTable) -> Self {
+    /// `on_infrabox`: the request is for an InfraBox host (elsewhere no
+    /// path is an MCP route).
+    pub fn describe(head: &RequestHead<'_>, policy: Option<&Policy>, routes: &RouteTable, on_infrabox: bool) -> Self {
         let before_query = head.path.split_once('?').map_or(head.path, |(p, _)| p);
         let mut facts = Self {
             method: truncate(head.method, MAX_METHOD_BYTES).to_string(),
             path: sanitize_path(before_query),
             ..Self::default()
         };
-        if let Area::Mcp { rest, .. } = path::area(head.path) {
+        if let (Area::Mcp { rest, .. }, true) = (path::area(head.path), on_infrabox) {
             if path::check_canonical(rest).is_ok() {
                 if let Lookup::Found { route, params } = routes.lookup(head.method, rest) {
                     if let Some(r) = routes.get(route) {
@@ -171,7 +173,9 @@ impl RequestFacts {
             }
         }
         if let Some(policy) = policy {
-            if let Some((token_id, user_id)) = attribute(head.authorization, head.cookie, policy) {
+            let authorization: Vec<&str> = head.values("authorization").collect();
+            let cookie: Vec<&str> = head.values("cookie").collect();
+            if let Some((token_id, user_id)) = attribute(&authorization, &cookie, policy) {
                 facts.token_id = Some(token_id);
                 facts.user_id = user_id;
             }
@@ -390,20 +394,8 @@ pub fn outcome(record: &AuditRecord, status: u32) -> Outcome {
 }
 
 /// The outcome of a denial reason (an [`ErrorCode`] string).
-fn reason_outcome(reason: &str) -> Option<Outcome> {
-    const CODES: [ErrorCode; 10] = [
-        ErrorCode::BadPath,
-        ErrorCode::InvalidToken,
-        ErrorCode::UnknownEndpoint,
-        ErrorCode::MethodNotAllowed,
-        ErrorCode::RateLimited,
-        ErrorCode::ProjectForbidden,
-        ErrorCode::WriteForbidden,
-        ErrorCode::McpTokenNotAccepted,
-        ErrorCode::PolicyUnavailable,
-        ErrorCode::UpstreamCredentialMissing,
-    ];
-    CODES.into_iter().find(|c| c.as_str() == reason).and_then(|c| Outcome::from_str(c.outcome()))
+pub fn reason_outcome(reason: &str) -> Option<Outcome> {
+    ErrorCode::ALL.into_iter().find(|c| c.as_str() == reason).and_then(|c| Outcome::from_str(c.outcome()))
 }
 
 #[cfg(test)]
@@ -445,8 +437,10 @@ mod tests {
     }
 
     fn facts(method: &str, path: &str, auth: &[&str], cookie: &[&str]) -> TestResult<RequestFacts> {
-        let head = RequestHead { method, path, authorization: auth, cookie };
-        Ok(RequestFacts::describe(&head, Some(&policy()?), &RouteTable::default()))
+        let others: Vec<(&str, &str)> =
+            auth.iter().map(|a| ("authorization", *a)).chain(cookie.iter().map(|c| ("cookie", *c))).collect();
+        let headers = crate::pipeline::request_headers(method, path, "infrabox.test", &others);
+        Ok(RequestFacts::describe(&RequestHead::new(&headers), Some(&policy()?), &RouteTable::default(), true))
     }
 
     fn origin() -> VmOrigin {
@@ -524,8 +518,12 @@ mod tests {
         }
         // No policy: no attribution.
         let auth = format!("Bearer {}", tok(1));
-        let head = RequestHead { method: "GET", path: "/api/v1/mcp/projects", authorization: &[&auth], cookie: &[] };
-        assert_eq!(RequestFacts::describe(&head, None, &RouteTable::default()).token_id, None);
+        let headers = crate::pipeline::request_headers("GET", "/api/v1/mcp/projects", "infrabox.test", &[("authorization", &auth)]);
+        let head = RequestHead::new(&headers);
+        assert_eq!(RequestFacts::describe(&head, None, &RouteTable::default(), true).token_id, None);
+        // Another host has no MCP routes.
+        let f = RequestFacts::describe(&head, Some(&policy()?), &RouteTable::default(), false);
+        assert_eq!((f.route, f.token_id.is_some()), (None, true));
         Ok(())
     }
 
@@ -572,6 +570,8 @@ mod tests {
             (ErrorCode::McpTokenNotAccepted, Outcome::Forbidden),
             (ErrorCode::PolicyUnavailable, Outcome::PolicyUnavailable),
             (ErrorCode::UpstreamCredentialMissing, Outcome::UpstreamError),
+            (ErrorCode::CredentialMisplaced, Outcome::BadRequest),
+            (ErrorCode::OwnershipUnavailable, Outcome::PolicyUnavailable),
         ] {
             r.reason = Some(code.as_str().into());
             assert_eq!(outcome(&r, code.status()), o, "{code:?}");

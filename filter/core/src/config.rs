@@ -4,6 +4,7 @@
 
 use serde::Deserialize;
 
+use crate::authority::Hosts;
 use crate::route::RouteTable;
 
 /// Validated plugin configuration.
@@ -24,6 +25,21 @@ pub struct PluginConfig {
     /// How long a request waits for the rate-limit service before the
     /// local window decides (milliseconds).
     pub ratelimit_timeout_ms: u32,
+    /// The InfraBox host(s): the only hosts with an MCP surface.
+    pub hosts: Hosts,
+    /// Credential of the gRPC calls to the control plane (DESIGN §16),
+    /// sent as `authorization: Bearer …` metadata. Never logged. Defaults
+    /// to the snapshot secret.
+    pub grpc_secret: String,
+    /// Failed authentications per client address and window after which
+    /// further failures are answered 429 (per Envoy instance).
+    pub auth_failure_limit: u32,
+    pub auth_failure_window_seconds: u32,
+    /// Identical denials from one address within this many seconds become
+    /// one audit row with a count (0: every denial is its own row).
+    pub audit_coalesce_seconds: u32,
+    /// Confirmed build/job ownerships kept per VM.
+    pub ownership_cache_entries: u32,
 }
 
 #[derive(Deserialize)]
@@ -46,6 +62,17 @@ struct Raw {
     ratelimit_cluster: String,
     #[serde(default = "d_rl_timeout")]
     ratelimit_timeout_ms: u32,
+    hosts: Vec<String>,
+    #[serde(default)]
+    grpc_secret: Option<String>,
+    #[serde(default = "d_auth_failures")]
+    auth_failure_limit: u32,
+    #[serde(default = "d_auth_window")]
+    auth_failure_window_seconds: u32,
+    #[serde(default = "d_coalesce")]
+    audit_coalesce_seconds: u32,
+    #[serde(default = "d_ownership_cache")]
+    ownership_cache_entries: u32,
 }
 
 fn d_cluster() -> String {
@@ -68,6 +95,18 @@ fn d_rl_cluster() -> String {
 }
 fn d_rl_timeout() -> u32 {
     50
+}
+fn d_auth_failures() -> u32 {
+    20
+}
+fn d_auth_window() -> u32 {
+    60
+}
+fn d_coalesce() -> u32 {
+    10
+}
+fn d_ownership_cache() -> u32 {
+    16_384
 }
 
 /// Why a configuration was refused. Never contains the snapshot secret.
@@ -106,6 +145,21 @@ impl PluginConfig {
         if !(1..=10_000).contains(&raw.ratelimit_timeout_ms) {
             return Err(ConfigError("ratelimit_timeout_ms must be between 1 and 10000".into()));
         }
+        let hosts = Hosts::parse(&raw.hosts).map_err(ConfigError)?;
+        if raw.grpc_secret.as_ref().is_some_and(|s| s.len() < 16) {
+            return Err(ConfigError("grpc_secret must be at least 16 characters".into()));
+        }
+        if raw.auth_failure_limit == 0 || !(1..=86_400).contains(&raw.auth_failure_window_seconds) {
+            return Err(ConfigError(
+                "auth_failure_limit must be positive and auth_failure_window_seconds between 1 and 86400".into(),
+            ));
+        }
+        if raw.audit_coalesce_seconds > 3600 {
+            return Err(ConfigError("audit_coalesce_seconds must be at most 3600".into()));
+        }
+        if !(16..=1_000_000).contains(&raw.ownership_cache_entries) {
+            return Err(ConfigError("ownership_cache_entries must be between 16 and 1000000".into()));
+        }
         let routes = match &raw.routes {
             None => RouteTable::default(),
             Some(v) => RouteTable::from_json(v).map_err(|e| ConfigError(e.to_string()))?,
@@ -114,12 +168,18 @@ impl PluginConfig {
             snapshot_cluster: raw.snapshot_cluster,
             snapshot_authority: raw.snapshot_authority,
             snapshot_path: raw.snapshot_path,
-            snapshot_secret: raw.snapshot_secret,
+            snapshot_secret: raw.snapshot_secret.clone(),
             snapshot_wait_seconds: raw.snapshot_wait_seconds,
             max_log_bytes: raw.max_log_bytes,
             routes,
             ratelimit_cluster: raw.ratelimit_cluster,
             ratelimit_timeout_ms: raw.ratelimit_timeout_ms,
+            hosts,
+            grpc_secret: raw.grpc_secret.unwrap_or_else(|| raw.snapshot_secret.clone()),
+            auth_failure_limit: raw.auth_failure_limit,
+            auth_failure_window_seconds: raw.auth_failure_window_seconds,
+            audit_coalesce_seconds: raw.audit_coalesce_seconds,
+            ownership_cache_entries: raw.ownership_cache_entries,
         })
     }
 }
@@ -147,28 +207,36 @@ mod tests {
 
     #[test]
     fn minimal_and_invalid_configs() -> TestResult {
-        let c = PluginConfig::parse(br#"{"snapshot_secret":"0123456789abcdef"}"#)?;
+        let c = PluginConfig::parse(br#"{"snapshot_secret":"0123456789abcdef","hosts":["infrabox.test"]}"#)?;
         assert_eq!(c.snapshot_cluster, "mcp_control_plane_internal");
+        assert_eq!(c.grpc_secret, "0123456789abcdef", "the gRPC secret defaults to the snapshot secret");
+        assert!(c.hosts.matches("infrabox.test:443"));
         assert_eq!(c.routes.routes().len(), 20);
         assert_eq!((c.ratelimit_cluster.as_str(), c.ratelimit_timeout_ms), ("mcp_ratelimit", 50));
-        let c = PluginConfig::parse(br#"{"snapshot_secret":"0123456789abcdef","ratelimit_timeout_ms":250}"#)?;
+        let c = PluginConfig::parse(br#"{"snapshot_secret":"0123456789abcdef","hosts":["a"],"ratelimit_timeout_ms":250,"grpc_secret":"fedcba9876543210"}"#)?;
         assert_eq!(c.ratelimit_timeout_ms, 250);
+        assert_eq!(c.grpc_secret, "fedcba9876543210");
         for bad in [
             &br#"{}"#[..],
             br#"{"snapshot_secret":"short"}"#,
-            br#"{"snapshot_secret":"0123456789abcdef","bogus":1}"#,
-            br#"{"snapshot_secret":"0123456789abcdef","routes":[]}"#,
-            br#"{"snapshot_secret":"0123456789abcdef","snapshot_wait_seconds":1000}"#,
-            br#"{"snapshot_secret":"0123456789abcdef","ratelimit_timeout_ms":0}"#,
-            br#"{"snapshot_secret":"0123456789abcdef","ratelimit_timeout_ms":60000}"#,
-            br#"{"snapshot_secret":"0123456789abcdef","ratelimit_cluster":""}"#,
+            br#"{"snapshot_secret":"0123456789abcdef","hosts":["a"],"bogus":1}"#,
+            br#"{"snapshot_secret":"0123456789abcdef","hosts":["a"],"routes":[]}"#,
+            br#"{"snapshot_secret":"0123456789abcdef","hosts":["a"],"snapshot_wait_seconds":1000}"#,
+            br#"{"snapshot_secret":"0123456789abcdef","hosts":["a"],"ratelimit_timeout_ms":0}"#,
+            br#"{"snapshot_secret":"0123456789abcdef","hosts":["a"],"ratelimit_timeout_ms":60000}"#,
+            br#"{"snapshot_secret":"0123456789abcdef","hosts":["a"],"ratelimit_cluster":""}"#,
+            br#"{"snapshot_secret":"0123456789abcdef"}"#,
+            br#"{"snapshot_secret":"0123456789abcdef","hosts":[]}"#,
+            br#"{"snapshot_secret":"0123456789abcdef","hosts":["https://infrabox.test"]}"#,
+            br#"{"snapshot_secret":"0123456789abcdef","hosts":["a"],"grpc_secret":"short"}"#,
+            br#"{"snapshot_secret":"0123456789abcdef","hosts":["a"],"auth_failure_limit":0}"#,
             b"not json",
         ] {
             assert!(PluginConfig::parse(bad).is_err());
         }
         let Err(e) = PluginConfig::parse(br#"{"snapshot_secret":12345678901234567890}"#) else { return Err("accepted".into()) };
         assert!(!e.0.contains("12345678901234567890"), "{e}");
-        let Err(e) = PluginConfig::parse(br#"{"snapshot_secret":"0123456789abcdef","routes":[{"name":"x"}]}"#) else {
+        let Err(e) = PluginConfig::parse(br#"{"snapshot_secret":"0123456789abcdef","hosts":["a"],"routes":[{"name":"x"}]}"#) else {
             return Err("accepted".into());
         };
         assert!(e.0.contains("route"), "{e}");

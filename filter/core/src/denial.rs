@@ -20,9 +20,29 @@ pub enum ErrorCode {
     PolicyUnavailable,
     /// The user has no upstream credential of the needed kind yet.
     UpstreamCredentialMissing,
+    /// An MCP secret somewhere else than the `Authorization` header of an
+    /// MCP request (query string, cookie, another header).
+    CredentialMisplaced,
+    /// Whether a build or job belongs to the project could not be checked.
+    OwnershipUnavailable,
 }
 
 impl ErrorCode {
+    pub const ALL: [ErrorCode; 12] = [
+        ErrorCode::BadPath,
+        ErrorCode::InvalidToken,
+        ErrorCode::UnknownEndpoint,
+        ErrorCode::MethodNotAllowed,
+        ErrorCode::RateLimited,
+        ErrorCode::ProjectForbidden,
+        ErrorCode::WriteForbidden,
+        ErrorCode::McpTokenNotAccepted,
+        ErrorCode::PolicyUnavailable,
+        ErrorCode::UpstreamCredentialMissing,
+        ErrorCode::CredentialMisplaced,
+        ErrorCode::OwnershipUnavailable,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             ErrorCode::BadPath => "bad_path",
@@ -35,30 +55,32 @@ impl ErrorCode {
             ErrorCode::McpTokenNotAccepted => "mcp_token_not_accepted",
             ErrorCode::PolicyUnavailable => "policy_unavailable",
             ErrorCode::UpstreamCredentialMissing => "upstream_credential_missing",
+            ErrorCode::CredentialMisplaced => "credential_misplaced",
+            ErrorCode::OwnershipUnavailable => "ownership_unavailable",
         }
     }
 
     pub fn status(self) -> u32 {
         match self {
-            ErrorCode::BadPath => 400,
+            ErrorCode::BadPath | ErrorCode::CredentialMisplaced => 400,
             ErrorCode::InvalidToken => 401,
             ErrorCode::UnknownEndpoint => 404,
             ErrorCode::MethodNotAllowed => 405,
             ErrorCode::RateLimited => 429,
             ErrorCode::ProjectForbidden | ErrorCode::WriteForbidden | ErrorCode::McpTokenNotAccepted => 403,
-            ErrorCode::PolicyUnavailable | ErrorCode::UpstreamCredentialMissing => 503,
+            ErrorCode::PolicyUnavailable | ErrorCode::UpstreamCredentialMissing | ErrorCode::OwnershipUnavailable => 503,
         }
     }
 
     /// Audit outcome (DESIGN §10 / issue "Audit").
     pub fn outcome(self) -> &'static str {
         match self {
-            ErrorCode::BadPath => "bad_request",
+            ErrorCode::BadPath | ErrorCode::CredentialMisplaced => "bad_request",
             ErrorCode::InvalidToken => "unauthorized",
             ErrorCode::UnknownEndpoint | ErrorCode::MethodNotAllowed => "not_found",
             ErrorCode::RateLimited => "rate_limited",
             ErrorCode::ProjectForbidden | ErrorCode::WriteForbidden | ErrorCode::McpTokenNotAccepted => "forbidden",
-            ErrorCode::PolicyUnavailable => "policy_unavailable",
+            ErrorCode::PolicyUnavailable | ErrorCode::OwnershipUnavailable => "policy_unavailable",
             ErrorCode::UpstreamCredentialMissing => "upstream_error",
         }
     }

@@ -5,7 +5,9 @@
 //! the wire contract (token format, snapshot). The proxy-wasm adapter in
 //! `filter/wasm` only moves bytes between Envoy and [`pipeline`].
 
+pub mod authority;
 pub mod credential;
+pub mod ownership;
 pub mod path;
 pub mod route;
 pub mod snapshot;
@@ -18,3 +20,4 @@ pub mod shaping;
 pub mod rls;
 pub mod window;
 pub mod audit;
+pub mod coalesce;

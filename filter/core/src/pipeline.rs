@@ -1,31 +1,63 @@
 //! The request pipeline on MCP paths (DESIGN §4), as two pure functions
-//! around the one asynchronous step (the rate limit):
+//! around the one asynchronous step (the rate limit, which also carries the
+//! ownership check of builds and jobs):
 //!
 //! ```text
-//! admit:     canonical path → policy present → authenticate → route match
-//! (adapter:  rate limit per (user, class))
-//! authorize: project scope → write permission → Forward
+//! admit:     host → canonical path → misplaced secret → policy present
+//!            → authenticate → route match
+//! (adapter:  rate limit per (user, class), ownership of {build}/{job})
+//! authorize: project scope → ownership → write permission → Forward
 //! ```
 //!
-//! Paths outside the MCP surface only get the credential check of DESIGN §3.
+//! Paths outside the MCP surface, and every path on a host that is not
+//! InfraBox's, only get the credential check of DESIGN §3.
 
+use crate::config::PluginConfig;
 use crate::credential::{self, Bearer};
 use crate::denial::{Denial, ErrorCode};
+use crate::ownership::{Claim, Ownership};
 use crate::path::{self, Area};
 use crate::route::{Class, Kind, Lookup, Params, RouteTable, Shaping};
 use crate::policy::Policy;
 use crate::token::Token;
 
-/// What the pipeline reads of a request.
+/// What the pipeline reads of a request: its head as Envoy hands it over.
 #[derive(Debug, Clone, Copy)]
 pub struct RequestHead<'a> {
     pub method: &'a str,
     /// `:path`, query included.
     pub path: &'a str,
-    /// Every `Authorization` header value.
-    pub authorization: &'a [&'a str],
-    /// Every `Cookie` header value.
-    pub cookie: &'a [&'a str],
+    /// `:authority` (HTTP/1 `Host`, or the authority of an absolute URL).
+    pub authority: &'a str,
+    /// Every header as (lowercase name, value), pseudo-headers included.
+    pub headers: &'a [(String, String)],
+}
+
+impl<'a> RequestHead<'a> {
+    /// The head of a request with these headers.
+    pub fn new(headers: &'a [(String, String)]) -> Self {
+        let first = |name: &str| headers.iter().find(|(k, _)| k == name).map_or("", |(_, v)| v.as_str());
+        Self { method: first(":method"), path: first(":path"), authority: first(":authority"), headers }
+    }
+
+    /// Every value of the header `name` (lowercase), in order.
+    pub fn values(&self, name: &'a str) -> impl Iterator<Item = &'a str> + Clone + 'a {
+        self.headers.iter().filter(move |(k, _)| k == name).map(|(_, v)| v.as_str())
+    }
+
+    /// Whether the request is for one of the InfraBox hosts.
+    pub fn on_infrabox(&self, config: &PluginConfig) -> bool {
+        config.hosts.matches(self.authority)
+    }
+}
+
+/// Headers for a [`RequestHead`]: the pseudo-headers, then `others`.
+pub fn request_headers(method: &str, path: &str, authority: &str, others: &[(&str, &str)]) -> Vec<(String, String)> {
+    [(":method", method), (":path", path), (":authority", authority)]
+        .iter()
+        .chain(others)
+        .map(|(k, v)| (k.to_ascii_lowercase(), v.to_string()))
+        .collect()
 }
 
 /// The outcome of [`admit`].
@@ -48,6 +80,8 @@ pub struct Admitted {
     pub route: usize,
     pub params: Params,
     pub query: Option<String>,
+    /// The builds/jobs that must belong to the project, if the path names any.
+    pub claim: Option<Claim>,
 }
 
 /// Where and how to forward an authorized request.
@@ -55,30 +89,44 @@ pub struct Admitted {
 pub struct Forward {
     pub method: String,
     pub path: String,
-    /// The user's upstream credential for the route's kind (always present:
-    /// [`authorize`] refuses with 503 when the user has none).
-    pub credential: Option<String>,
+    /// The user's upstream credential for the route's kind.
+    pub credential: String,
     pub shaping: Shaping,
 }
 
-/// Steps 1–3: canonical path, authentication, route match.
-pub fn admit(head: &RequestHead<'_>, policy: Option<&Policy>, routes: &RouteTable, now: i64) -> Admission {
-    let (rest, query) = match path::area(head.path) {
-        Area::Mcp { rest, query } => (rest, query),
-        Area::TokenApi | Area::Other => {
-            return if credential::carries_mcp_credential(head.authorization, head.cookie) {
-                Admission::Deny(Denial::new(
+/// Steps 1–3: host, canonical path, authentication, route match.
+pub fn admit(head: &RequestHead<'_>, policy: Option<&Policy>, config: &PluginConfig, now: i64) -> Admission {
+    let area = path::area(head.path);
+    let (rest, query) = match area {
+        Area::Mcp { rest, query } if head.on_infrabox(config) => (rest, query),
+        _ => {
+            if let Some(place) = credential::secret_outside_mcp(head) {
+                return Admission::Deny(Denial::new(
                     ErrorCode::McpTokenNotAccepted,
-                    "MCP tokens are accepted only under /api/v1/mcp/",
-                ))
-            } else {
-                Admission::PassThrough
+                    format!(
+                        "MCP tokens are accepted only under /api/v1/mcp/ of the InfraBox host, in the Authorization header; \
+                         this request carries one in {}",
+                        place.as_str()
+                    ),
+                ));
+            }
+            return match area {
+                // An MCP path on another host: no surface, no credential.
+                Area::Mcp { .. } => Admission::Deny(Denial::new(ErrorCode::UnknownEndpoint, "no such MCP endpoint")),
+                Area::TokenApi | Area::Other => Admission::PassThrough,
             };
         }
     };
     if let Err(why) = path::check_canonical(rest) {
         return Admission::Deny(Denial::new(ErrorCode::BadPath, why));
     }
+    if let Some(place) = credential::misplaced_secret(head) {
+        return Admission::Deny(Denial::new(
+            ErrorCode::CredentialMisplaced,
+            format!("an MCP token belongs only in the Authorization header (Bearer); this request carries one in {}", place.as_str()),
+        ));
+    }
+    let routes = &config.routes;
     let lookup = routes.lookup(head.method, rest);
     if let Lookup::BadId(why) = lookup {
         return Admission::Deny(Denial::new(ErrorCode::BadPath, why));
@@ -89,7 +137,8 @@ pub fn admit(head: &RequestHead<'_>, policy: Option<&Policy>, routes: &RouteTabl
             "the gateway has not received its policy yet; retry shortly",
         ));
     };
-    let grant = match authenticate(head.authorization, policy, now) {
+    let authorization: Vec<&str> = head.values("authorization").collect();
+    let grant = match authenticate(&authorization, policy, now) {
         Ok(g) => g,
         Err(d) => return Admission::Deny(d),
     };
@@ -97,6 +146,7 @@ pub fn admit(head: &RequestHead<'_>, policy: Option<&Policy>, routes: &RouteTabl
         Lookup::Found { route, params } => Admission::Admitted(Admitted {
             grant,
             route,
+            claim: Claim::of(&params),
             params,
             query: query.map(str::to_string),
         }),
@@ -131,8 +181,15 @@ fn authenticate(authorization: &[&str], policy: &Policy, now: i64) -> Result<u32
     Ok(ix)
 }
 
-/// Steps 5–6 and the forward plan of step 7.
-pub fn authorize(admitted: &Admitted, policy: &Policy, routes: &RouteTable, now: i64) -> Result<Forward, Denial> {
+/// Steps 5–6 and the forward plan of step 7. `ownership` is the verdict on
+/// the request's [`Claim`] (ignored when it has none).
+pub fn authorize(
+    admitted: &Admitted,
+    policy: &Policy,
+    routes: &RouteTable,
+    now: i64,
+    ownership: Ownership,
+) -> Result<Forward, Denial> {
     let grant = policy
         .grant(admitted.grant)
         .ok_or_else(|| Denial::new(ErrorCode::InvalidToken, "unknown or revoked token"))?;
@@ -147,6 +204,20 @@ pub fn authorize(admitted: &Admitted, policy: &Policy, routes: &RouteTable, now:
             Some(exp) if exp > now => {}
             Some(_) => return Err(Denial::new(ErrorCode::ProjectForbidden, "access to this project has expired")),
             None => return Err(Denial::new(ErrorCode::ProjectForbidden, "this token may not access this project")),
+        }
+    }
+    if admitted.claim.is_some() {
+        match ownership {
+            Ownership::Confirmed => {}
+            // The same answer as an unknown path: never confirm that an id
+            // of another project exists.
+            Ownership::Refuted => return Err(Denial::new(ErrorCode::UnknownEndpoint, "no such MCP endpoint")),
+            Ownership::Unknown => {
+                return Err(Denial::new(
+                    ErrorCode::OwnershipUnavailable,
+                    "the gateway cannot check right now that this build or job belongs to the project; retry shortly",
+                ))
+            }
         }
     }
     if route.kind() == Kind::Write && !grant.allow_trigger() {
@@ -168,7 +239,7 @@ pub fn authorize(admitted: &Admitted, policy: &Policy, routes: &RouteTable, now:
     Ok(Forward {
         method: route.upstream_method().to_string(),
         path: route.upstream_path(&admitted.params, admitted.query.as_deref()),
-        credential: Some(credential.to_string()),
+        credential: credential.to_string(),
         shaping: route.shaping(),
     })
 }
@@ -176,6 +247,20 @@ pub fn authorize(admitted: &Admitted, policy: &Policy, routes: &RouteTable, now:
 /// The rate-limit class of an admitted request.
 pub fn class_of(admitted: &Admitted, routes: &RouteTable) -> Class {
     routes.get(admitted.route).map(|r| r.class()).unwrap_or(Class::Default)
+}
+
+/// Client headers that never reach the upstream on a forwarded MCP request:
+/// credentials (the client's `Authorization` is replaced by the user's
+/// upstream credential), `X-Original-Method` (it feeds InfraBox's OPA) and
+/// every `x-mcp-*` (the gateway sets its own). InfraBox's WSGI layer reads
+/// `_` as `-`, so every spelling counts.
+pub fn is_stripped_header(name: &str) -> bool {
+    let canon = |b: u8| if b == b'_' { b'-' } else { b.to_ascii_lowercase() };
+    let starts = |prefix: &str| name.len() >= prefix.len() && name.bytes().zip(prefix.bytes()).all(|(a, p)| canon(a) == p);
+    starts("x-mcp-")
+        || ["authorization", "proxy-authorization", "cookie", "x-original-method"]
+            .iter()
+            .any(|t| name.len() == t.len() && starts(t))
 }
 
 #[cfg(test)]
@@ -236,14 +321,30 @@ mod tests {
         )
     }
 
-    fn run_with(p: &Policy, method: &str, path: &str, auth: &[&str], now: i64) -> Outcome<Decided> {
-        let routes = RouteTable::default();
-        let head = RequestHead { method, path, authorization: auth, cookie: &[] };
-        match admit(&head, Some(p), &routes, now) {
-            Admission::Admitted(a) => Ok(authorize(&a, p, &routes, now)),
+    const HOST: &str = "infrabox.test";
+
+    fn config() -> Outcome<PluginConfig> {
+        PluginConfig::parse(br#"{"snapshot_secret":"0123456789abcdef","hosts":["infrabox.test"]}"#).map_err(|e| e.to_string())
+    }
+
+    fn auth_headers<'a>(auth: &[&'a str]) -> Vec<(&'static str, &'a str)> {
+        auth.iter().map(|a| ("authorization", *a)).collect()
+    }
+
+    /// One request through admit and authorize, with this ownership verdict.
+    fn decide(p: &Policy, host: &str, method: &str, path: &str, headers: &[(&str, &str)], now: i64, ownership: Ownership) -> Outcome<Decided> {
+        let config = config()?;
+        let headers = request_headers(method, path, host, headers);
+        let head = RequestHead::new(&headers);
+        match admit(&head, Some(p), &config, now) {
+            Admission::Admitted(a) => Ok(authorize(&a, p, &config.routes, now, ownership)),
             Admission::Deny(d) => Ok(Err(d)),
             Admission::PassThrough => Err(format!("{method} {path} passed through")),
         }
+    }
+
+    fn run_with(p: &Policy, method: &str, path: &str, auth: &[&str], now: i64) -> Outcome<Decided> {
+        decide(p, HOST, method, path, &auth_headers(auth), now, Ownership::Confirmed)
     }
 
     fn run(method: &str, path: &str, auth: &[&str], now: i64) -> Outcome<Decided> {
@@ -271,7 +372,7 @@ mod tests {
         let f = forwarded(run("GET", &format!("/api/v1/mcp/projects/{PA}/builds?size=5"), &[&auth], 10))?;
         assert_eq!(f.path, format!("/api/v1/projects/{PA}/builds/?size=5"));
         assert_eq!(f.method, "GET");
-        assert_eq!(f.credential.as_deref(), Some("R"));
+        assert_eq!(f.credential, "R");
         Ok(())
     }
 
@@ -300,7 +401,7 @@ mod tests {
         let f = forwarded(run("POST", &format!("/api/v1/mcp/projects/{PA}/builds/{B1}/restart?x=1"), &[&auth], 10))?;
         assert_eq!(f.method, "GET");
         assert_eq!(f.path, format!("/api/v1/projects/{PA}/builds/{B1}/restart"));
-        assert_eq!(f.credential.as_deref(), Some("W"));
+        assert_eq!(f.credential, "W");
         Ok(())
     }
 
@@ -313,7 +414,7 @@ mod tests {
         assert_eq!(d.code, ErrorCode::UpstreamCredentialMissing);
         assert_eq!(d.status(), 503);
         let f = forwarded(run_with(&p, "GET", &format!("/api/v1/mcp/projects/{PA}"), &[&auth], 10))?;
-        assert_eq!(f.credential.as_deref(), Some("R"));
+        assert_eq!(f.credential, "R");
         Ok(())
     }
 
@@ -339,27 +440,127 @@ mod tests {
     }
 
     #[test]
-    fn outside_the_mcp_surface() {
-        let routes = RouteTable::default();
+    fn outside_the_mcp_surface() -> Outcome {
+        let config = config()?;
         let t = tok(1);
         let auth = format!("bearer {t}");
         let cookie = format!("token={t}");
-        let cases: Vec<(&str, Vec<&str>, Vec<&str>, bool)> = vec![
-            ("/api/v1/projects/x", vec![auth.as_str()], vec![], true),
-            ("/api/v1/projects/x", vec![], vec![cookie.as_str()], true),
-            ("/api/v1/mcp/tokens", vec![auth.as_str()], vec![], true),
-            ("/api/v1/projects/x", vec!["Bearer eyJ"], vec!["token=eyJ"], false),
-            ("/api/v1/mcp/tokens", vec!["Bearer eyJ"], vec![], false),
+        let query = format!("/api/v1/projects/x?t={t}");
+        let cases: Vec<(&str, Vec<(&str, &str)>, bool)> = vec![
+            ("/api/v1/projects/x", vec![("authorization", auth.as_str())], true),
+            ("/api/v1/projects/x", vec![("cookie", cookie.as_str())], true),
+            ("/api/v1/projects/x", vec![("proxy-authorization", auth.as_str())], true),
+            (query.as_str(), vec![], true),
+            ("/api/v1/mcp/tokens", vec![("authorization", auth.as_str())], true),
+            ("/api/v1/projects/x", vec![("authorization", "Bearer eyJ"), ("cookie", "token=eyJ")], false),
+            ("/api/v1/mcp/tokens", vec![("authorization", "Bearer eyJ")], false),
+            // Only the credential places count off the MCP surface.
+            ("/api/v1/projects/x", vec![("x-api-key", t.as_str())], false),
         ];
-        for (path, a, c, denied) in cases {
-            let h = RequestHead { method: "GET", path, authorization: &a, cookie: &c };
-            let r = admit(&h, None, &routes, 0);
-            assert_eq!(matches!(r, Admission::Deny(ref d) if d.code == ErrorCode::McpTokenNotAccepted), denied, "{path}");
+        for (path, headers, denied) in cases {
+            let headers = request_headers("GET", path, HOST, &headers);
+            let r = admit(&RequestHead::new(&headers), None, &config, 0);
+            assert_eq!(matches!(r, Admission::Deny(ref d) if d.code == ErrorCode::McpTokenNotAccepted), denied, "{path} {headers:?}");
             if !denied {
                 assert_eq!(r, Admission::PassThrough);
             }
         }
-        let h = RequestHead { method: "GET", path: "/api/v1/mcp/projects", authorization: &[], cookie: &[] };
-        assert!(matches!(admit(&h, None, &routes, 0), Admission::Deny(d) if d.code == ErrorCode::PolicyUnavailable));
+        let headers = request_headers("GET", "/api/v1/mcp/projects", HOST, &[]);
+        assert!(matches!(admit(&RequestHead::new(&headers), None, &config, 0), Admission::Deny(d) if d.code == ErrorCode::PolicyUnavailable));
+        Ok(())
+    }
+
+    #[test]
+    fn only_the_infrabox_host_has_an_mcp_surface() -> Outcome {
+        let p = policy()?;
+        let good = format!("Bearer {}", tok(1));
+        let path = format!("/api/v1/mcp/projects/{PA}");
+        assert!(decide(&p, "InfraBox.Test:443", "GET", &path, &[("authorization", &good)], 10, Ownership::Confirmed)?.is_ok());
+        for host in ["evil.test", "infrabox.test.evil.test", "127.0.0.1", "", "infrabox.test@evil.test", "[::1]"] {
+            // No credential: 404, nothing forwarded.
+            assert_eq!(code(decide(&p, host, "GET", &path, &[], 10, Ownership::Confirmed))?, ErrorCode::UnknownEndpoint, "{host}");
+            // A valid MCP token on another host is refused like anywhere else.
+            assert_eq!(
+                code(decide(&p, host, "GET", &path, &[("authorization", &good)], 10, Ownership::Confirmed))?,
+                ErrorCode::McpTokenNotAccepted,
+                "{host}"
+            );
+        }
+        // Other paths on other hosts pass through untouched.
+        let config = config()?;
+        let headers = request_headers("GET", "/api/v1/projects/", "evil.test", &[("authorization", "Bearer eyJ")]);
+        assert_eq!(admit(&RequestHead::new(&headers), Some(&p), &config, 10), Admission::PassThrough);
+        Ok(())
+    }
+
+    #[test]
+    fn a_secret_anywhere_but_the_authorization_header_is_refused() -> Outcome {
+        let p = policy()?;
+        let t = tok(1);
+        let good = format!("Bearer {t}");
+        let path = format!("/api/v1/mcp/projects/{PA}");
+        let basic = {
+            use base64::Engine;
+            format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(format!("infrabox:{t}")))
+        };
+        let with_query = |q: &str| format!("{path}?{q}");
+        let cases: Vec<(String, Vec<(&str, String)>)> = vec![
+            (with_query(&format!("token={t}")), vec![]),
+            (with_query(&format!("t={}", t.replace('_', "%5F"))), vec![]),
+            (path.clone(), vec![("cookie", format!("token={t}"))]),
+            (path.clone(), vec![("cookie", format!("token=\"ib\\137mcp_{}\"", &t[7..]))]),
+            (path.clone(), vec![("proxy-authorization", good.clone())]),
+            (path.clone(), vec![("proxy-authorization", basic.clone())]),
+            (path.clone(), vec![("x-api-key", t.clone())]),
+            (path.clone(), vec![("x-forwarded-authorization", good.clone())]),
+        ];
+        for (path, extra) in cases {
+            let mut headers: Vec<(&str, &str)> = vec![("authorization", good.as_str())];
+            headers.extend(extra.iter().map(|(k, v)| (*k, v.as_str())));
+            assert_eq!(code(decide(&p, HOST, "GET", &path, &headers, 10, Ownership::Confirmed))?, ErrorCode::CredentialMisplaced, "{path} {extra:?}");
+        }
+        // A proxy credential of another kind is no reason to refuse (the
+        // adapter removes it before forwarding).
+        let headers = [("authorization", good.as_str()), ("proxy-authorization", "Basic dXNlcjpwYXNz")];
+        assert!(decide(&p, HOST, "GET", &path, &headers, 10, Ownership::Confirmed)?.is_ok());
+        Ok(())
+    }
+
+    #[test]
+    fn builds_and_jobs_must_belong_to_the_project() -> Outcome {
+        let p = policy()?;
+        let good = format!("Bearer {}", tok(1));
+        let auth = [("authorization", good.as_str())];
+        let job_path = format!("/api/v1/mcp/projects/{PA}/jobs/{B1}/log");
+        assert!(decide(&p, HOST, "GET", &job_path, &auth, 10, Ownership::Confirmed)?.is_ok());
+        let d = denial(decide(&p, HOST, "GET", &job_path, &auth, 10, Ownership::Refuted))?;
+        assert_eq!((d.code, d.status()), (ErrorCode::UnknownEndpoint, 404));
+        let unknown_route = denial(run("GET", "/api/v1/mcp/nope", &[&good], 10))?;
+        assert_eq!(d.message, unknown_route.message, "a foreign id answers exactly like an unknown endpoint");
+        let d = denial(decide(&p, HOST, "GET", &job_path, &auth, 10, Ownership::Unknown))?;
+        assert_eq!((d.code, d.status()), (ErrorCode::OwnershipUnavailable, 503));
+        // Scope first: a project outside the token's scope is 403 whatever the ids.
+        let other = format!("/api/v1/mcp/projects/{B1}/jobs/{PA}/log");
+        assert_eq!(code(decide(&p, HOST, "GET", &other, &auth, 10, Ownership::Refuted))?, ErrorCode::ProjectForbidden);
+        // Paths without builds or jobs claim nothing.
+        assert!(decide(&p, HOST, "GET", &format!("/api/v1/mcp/projects/{PA}/builds"), &auth, 10, Ownership::Unknown)?.is_ok());
+        let config = config()?;
+        let headers = request_headers("GET", &format!("/api/v1/mcp/projects/{PA}/builds/{B1}/jobs"), HOST, &auth);
+        let Admission::Admitted(a) = admit(&RequestHead::new(&headers), Some(&p), &config, 10) else { return Err("not admitted".into()) };
+        assert_eq!(a.claim, Some(Claim { project: PA.into(), build: Some(B1.into()), job: None }));
+        Ok(())
+    }
+
+    #[test]
+    fn every_spelling_of_a_stripped_header_is_stripped() {
+        for name in [
+            "authorization", "cookie", "proxy-authorization", "x-original-method", "x_original_method", "X_Original-Method",
+            "x-mcp-user-id", "x_mcp_user_id", "x-mcp_token_id", "X-MCP-anything-at-all-that-is-very-long-indeed",
+        ] {
+            assert!(is_stripped_header(name), "{name}");
+        }
+        for name in ["x-mcp", "x-mcpx-a", "authorization2", "x-original", "content-type", ":path", "x-request-id"] {
+            assert!(!is_stripped_header(name), "{name}");
+        }
     }
 }

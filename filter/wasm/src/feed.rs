@@ -7,13 +7,17 @@
 //!
 //! Its tick is also the rate-limit watchdog: a request still paused on its
 //! rate-limit callout after the callout's deadline is decided by the local
-//! window, so a callout Envoy keeps queued cannot hang a request.
+//! window, so a callout Envoy keeps queued cannot hang a request; and it
+//! sends the coalesced denial rows ([`mcp_filter_core::coalesce`]) to the
+//! control plane's internal listener, one batch at a time.
 
 use std::cell::RefCell;
 use std::rc::Rc;
 use std::time::Duration;
 
+use mcp_filter_core::coalesce::{Coalescer, Summary, SummaryBatch};
 use mcp_filter_core::config::PluginConfig;
+use mcp_filter_core::ownership::OwnershipCache;
 use mcp_filter_core::policy::Policy;
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
@@ -31,14 +35,34 @@ const WATCHDOG_GRACE_MS: i64 = 5;
 /// revocation made while it was down reaches the edge soon after it is back.
 const BACKOFF_MAX_MS: i64 = 2_000;
 
+/// Where the coalesced denial rows go on the control plane's internal
+/// listener (same cluster and secret as the snapshot).
+pub const SUMMARY_PATH: &str = "/v1/audit/coalesced";
+
 /// State shared by the root context and every request context of a VM.
-#[derive(Default)]
 pub struct Shared {
     pub config: RefCell<Option<Rc<PluginConfig>>>,
     pub policy: RefCell<Option<Rc<Policy>>>,
     pub metrics: RefCell<Metrics>,
     /// Requests paused on their rate-limit callout.
     pub callouts: RefCell<Callouts<HeldRequest>>,
+    /// Build/job ownership this VM has confirmed.
+    pub ownership: RefCell<OwnershipCache>,
+    /// Repeated denials being counted.
+    pub coalescer: RefCell<Coalescer>,
+}
+
+impl Default for Shared {
+    fn default() -> Self {
+        Self {
+            config: RefCell::default(),
+            policy: RefCell::default(),
+            metrics: RefCell::default(),
+            callouts: RefCell::default(),
+            ownership: RefCell::new(OwnershipCache::new(16)),
+            coalescer: RefCell::new(Coalescer::new(0)),
+        }
+    }
 }
 
 impl Shared {
@@ -67,11 +91,76 @@ pub struct Root {
     context_id: u32,
     shared: Rc<Shared>,
     poll: Poll,
+    /// The coalesced rows in flight to the control plane (call token).
+    summaries_in_flight: Option<(u32, Vec<Summary>)>,
 }
 
 impl Root {
     pub fn new(context_id: u32) -> Self {
-        Self { context_id, shared: Rc::new(Shared::default()), poll: Poll::default() }
+        Self { context_id, shared: Rc::new(Shared::default()), poll: Poll::default(), summaries_in_flight: None }
+    }
+
+    /// Sends the coalesced rows whose interval is over, if none are on
+    /// their way; unsent rows wait for the next tick.
+    fn send_summaries(&mut self) {
+        if self.summaries_in_flight.is_some() {
+            return;
+        }
+        let Some(cfg) = self.shared.config() else { return };
+        let summaries = {
+            let mut c = self.shared.coalescer.borrow_mut();
+            if c.is_idle() {
+                return;
+            }
+            c.drain(host::now_unix_ms())
+        };
+        if summaries.is_empty() {
+            return;
+        }
+        let origin = crate::audit::origin();
+        let batch = SummaryBatch { node_id: origin.node_id, vm_id: origin.vm_id, summaries };
+        let body = match serde_json::to_vec(&batch) {
+            Ok(b) => b,
+            Err(e) => {
+                log::warn!("cannot encode coalesced audit rows: {e}");
+                return;
+            }
+        };
+        let bearer = format!("Bearer {}", cfg.snapshot_secret);
+        let headers = vec![
+            (":method", "POST"),
+            (":path", SUMMARY_PATH),
+            (":authority", cfg.snapshot_authority.as_str()),
+            ("authorization", bearer.as_str()),
+            ("content-type", "application/json"),
+        ];
+        match hostcalls::dispatch_http_call(&cfg.snapshot_cluster, headers, Some(&body), vec![], Duration::from_secs(5)) {
+            Ok(token) => self.summaries_in_flight = Some((token, batch.summaries)),
+            Err(e) => {
+                log::warn!("cannot send coalesced audit rows (kept for the next try): {e:?}");
+                self.requeue(batch.summaries);
+            }
+        }
+    }
+
+    fn requeue(&self, summaries: Vec<Summary>) {
+        let mut c = self.shared.coalescer.borrow_mut();
+        let before = c.dropped;
+        c.requeue(summaries);
+        Metrics::add(self.shared.metrics().audit_summaries_dropped, (c.dropped - before) as i64);
+    }
+
+    /// The control plane's answer to a batch of coalesced rows.
+    fn summaries_answered(&mut self, num_headers: usize) {
+        let Some((_, summaries)) = self.summaries_in_flight.take() else { return };
+        let status = if num_headers == 0 { None } else { host::http_call_response_header(":status") };
+        match status.as_deref() {
+            Some("204") | Some("200") => Metrics::add(self.shared.metrics().audit_summaries_sent, summaries.len() as i64),
+            other => {
+                log::warn!("coalesced audit rows not accepted ({}); kept for the next try", other.unwrap_or("no answer"));
+                self.requeue(summaries);
+            }
+        }
     }
 
     /// Decides every request paused past its callout's deadline with the
@@ -89,8 +178,8 @@ impl Root {
             if hostcalls::set_effective_context(context_id).is_err() {
                 continue;
             }
-            let decision = limiter::degrade(&self.shared.metrics(), &held.key, now, "no answer before the deadline");
-            request::finish(&self.shared, held, decision, true);
+            let (decision, ownership) = limiter::degrade(&self.shared.metrics(), &held.key, now, "no answer before the deadline");
+            request::finish(&self.shared, held, decision, ownership, true);
         }
         let _ = hostcalls::set_effective_context(self.context_id);
     }
@@ -185,6 +274,9 @@ impl Root {
 
 impl Context for Root {
     fn on_http_call_response(&mut self, token_id: u32, num_headers: usize, body_size: usize, _trailers: usize) {
+        if self.summaries_in_flight.as_ref().is_some_and(|(t, _)| *t == token_id) {
+            return self.summaries_answered(num_headers);
+        }
         if self.poll.in_flight != Some(token_id) {
             return;
         }
@@ -229,6 +321,8 @@ impl RootContext for Root {
                     cfg.snapshot_cluster,
                     cfg.routes.routes().len()
                 );
+                *self.shared.ownership.borrow_mut() = OwnershipCache::new(cfg.ownership_cache_entries as usize);
+                *self.shared.coalescer.borrow_mut() = Coalescer::new(cfg.audit_coalesce_seconds);
                 *self.shared.config.borrow_mut() = Some(Rc::new(cfg));
             }
             Err(e) => {
@@ -251,6 +345,7 @@ impl RootContext for Root {
         if self.poll.in_flight.is_none() && host::now_unix_ms() >= self.poll.next_at_ms {
             self.poll_now();
         }
+        self.send_summaries();
         // Last: it switches the effective context to each overdue request.
         self.watchdog();
     }

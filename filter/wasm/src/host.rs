@@ -1,6 +1,8 @@
 //! Fallible host calls. The SDK's trait methods `unwrap` host errors and
 //! decode header values as UTF-8 with `unwrap`; these wrappers return
 //! `Option`/`Result` and decode lossily, so no request can abort the VM.
+//! Properties are read and written through the raw ABI for the same reason
+//! (`hostcalls::{get,set}_property` panic on statuses they do not expect).
 
 use std::time::UNIX_EPOCH;
 
@@ -118,5 +120,58 @@ pub fn response_body(size: usize) -> Option<Bytes> {
 pub fn set_response_body(start: usize, size: usize, value: &[u8]) {
     if let Err(e) = hostcalls::set_buffer(proxy_wasm::types::BufferType::HttpResponseBody, start, size, value) {
         log::warn!("cannot set response body: {e:?}");
+    }
+}
+
+#[link(wasm_import_module = "env")]
+extern "C" {
+    #[allow(clashing_extern_declarations)]
+    fn proxy_set_property(path_data: *const u8, path_size: usize, value_data: *const u8, value_size: usize) -> u32;
+    #[allow(clashing_extern_declarations)]
+    fn proxy_get_property(path_data: *const u8, path_size: usize, return_data: *mut *mut u8, return_size: *mut usize) -> u32;
+}
+
+/// A host property, `None` on any status but Ok.
+pub fn property(path: &[&str]) -> Option<Vec<u8>> {
+    let serialized = path.join("\0");
+    let mut data: *mut u8 = std::ptr::null_mut();
+    let mut size: usize = 0;
+    // SAFETY: the host writes a buffer it allocated through this module's
+    // `proxy_on_memory_allocate` (Rust's allocator); we take ownership of it.
+    let status = unsafe { proxy_get_property(serialized.as_ptr(), serialized.len(), &mut data, &mut size) };
+    if status != 0 || data.is_null() {
+        return None;
+    }
+    // SAFETY: see above; `size` bytes were allocated and written at `data`.
+    Some(unsafe { Vec::from_raw_parts(data, size, size) })
+}
+
+/// Sets `wasm.<name>` in the stream's filter state; the host status on failure.
+pub fn set_filter_state(name: &str, value: &[u8]) -> Result<(), u32> {
+    // A one-element property path is the name itself (no separators).
+    // SAFETY: both buffers outlive the call; the host copies them.
+    let status = unsafe { proxy_set_property(name.as_ptr(), name.len(), value.as_ptr(), value.len()) };
+    if status == 0 {
+        Ok(())
+    } else {
+        Err(status)
+    }
+}
+
+/// The client's address as Envoy established it (`source.address`: the
+/// peer, or the address `xff_num_trusted_hops` trusted), without the port.
+/// Never a client header.
+pub fn client_address() -> String {
+    let raw = property(&["source", "address"]).map(lossy).unwrap_or_default();
+    strip_port(&raw).to_string()
+}
+
+fn strip_port(addr: &str) -> &str {
+    if let Some(rest) = addr.strip_prefix('[') {
+        return rest.split_once(']').map_or(addr, |(ip, _)| ip);
+    }
+    match addr.rsplit_once(':') {
+        Some((ip, port)) if !ip.contains(':') && port.bytes().all(|b| b.is_ascii_digit()) => ip,
+        _ => addr,
     }
 }

@@ -4,13 +4,19 @@
 //! service cannot (error, timeout, no healthy endpoint).
 //!
 //! Shared data belongs to the VM id, so every worker of one Envoy shares the
-//! local windows; updates use compare-and-swap.
+//! local windows; updates use compare-and-swap. The same windows count
+//! failed authentications per client address ([`auth_failure`]).
+//!
+//! The callout also carries the ownership check of the request's builds and
+//! jobs ([`mcp_filter_core::ownership`]); in degraded mode ownership is
+//! unknown unless this VM confirmed it before.
 
 use std::cell::Cell;
 use std::collections::HashMap;
 use std::time::Duration;
 
 use mcp_filter_core::config::PluginConfig;
+use mcp_filter_core::ownership::{Claim, Ownership};
 use mcp_filter_core::pipeline::{self, Admitted};
 use mcp_filter_core::rls;
 use mcp_filter_core::route::{Class, RouteTable};
@@ -50,22 +56,24 @@ impl LimitKey {
     }
 }
 
-/// Starts the `ShouldRateLimit` callout; the answer arrives in the request
-/// context's `on_grpc_call_response` under the returned token.
-pub fn ask_service(config: &PluginConfig, key: &LimitKey) -> Result<u32, Status> {
-    let message = rls::encode_request(&key.user, key.class.as_str(), key.limit, key.window_seconds);
+/// Starts the `ShouldRateLimit` callout (with the ownership descriptor when
+/// `claim` is given); the answer arrives in the request context's
+/// `on_grpc_call_response` under the returned token.
+pub fn ask_service(config: &PluginConfig, key: &LimitKey, claim: Option<&Claim>) -> Result<u32, Status> {
+    let message = rls::encode_request(&key.user, key.class.as_str(), key.limit, key.window_seconds, claim);
+    let bearer = format!("Bearer {}", config.grpc_secret);
     hostcalls::dispatch_grpc_call(
         &config.ratelimit_cluster,
         rls::SERVICE,
         rls::METHOD,
-        Vec::new(),
+        vec![(rls::METADATA_KEY, bearer.as_bytes())],
         Some(&message),
         Duration::from_millis(u64::from(config.ratelimit_timeout_ms)),
     )
 }
 
 /// Reads the service's answer to a finished callout.
-pub fn read_answer(status_code: u32, response_size: usize) -> Result<Decision, String> {
+pub fn read_answer(status_code: u32, response_size: usize) -> Result<(Decision, Ownership), String> {
     if status_code != 0 {
         return Err(format!("rate-limit service answered gRPC status {status_code}"));
     }
@@ -73,12 +81,14 @@ pub fn read_answer(status_code: u32, response_size: usize) -> Result<Decision, S
         .ok()
         .flatten()
         .unwrap_or_default();
-    rls::decode_response(&body).map(Decision::from).map_err(|e| format!("unreadable rate-limit answer: {e}"))
+    rls::decode_response(&body)
+        .map(|a| (Decision::from(a.limit), a.ownership))
+        .map_err(|e| format!("unreadable rate-limit answer: {e}"))
 }
 
 /// Degraded mode: counts the service failure and decides with the local
-/// window of this Envoy instance.
-pub fn degrade(metrics: &Metrics, key: &LimitKey, now_ms: i64, why: &str) -> Decision {
+/// window of this Envoy instance (ownership is then unknown).
+pub fn degrade(metrics: &Metrics, key: &LimitKey, now_ms: i64, why: &str) -> (Decision, Ownership) {
     thread_local! {
         // One VM is single-threaded: at most one warning per VM per second.
         static LAST_WARNING_MS: Cell<i64> = const { Cell::new(i64::MIN) };
@@ -91,20 +101,26 @@ pub fn degrade(metrics: &Metrics, key: &LimitKey, now_ms: i64, why: &str) -> Dec
     });
     Metrics::inc(metrics.ratelimit_rls_errors);
     Metrics::inc(metrics.ratelimit_degraded);
-    decide_locally(key, now_ms)
+    (local_window(&key.shared_data_key(), key.limit, key.window_seconds, now_ms), Ownership::Unknown)
+}
+
+/// One failed authentication from `address`: allowed (answer 401) while
+/// fewer than the configured number failed in the window, else denied
+/// (answer 429) and not counted.
+pub fn auth_failure(config: &PluginConfig, address: &str, now_ms: i64) -> Decision {
+    local_window(&format!("mcp_af:{address}"), config.auth_failure_limit, config.auth_failure_window_seconds, now_ms)
 }
 
 /// Compare-and-swap attempts before the last computed decision stands.
 const CAS_ATTEMPTS: usize = 16;
 
-/// One decision of the local sliding window in shared data.
-pub fn decide_locally(key: &LimitKey, now_ms: i64) -> Decision {
-    let name = key.shared_data_key();
+/// One decision of a local sliding window in shared data under `name`.
+fn local_window(name: &str, limit: u32, window_seconds: u32, now_ms: i64) -> Decision {
     let now = u64::try_from(now_ms).unwrap_or(0);
-    let window_ms = u64::from(key.window_seconds).saturating_mul(1000);
+    let window_ms = u64::from(window_seconds).saturating_mul(1000);
     let mut last = Decision { allowed: true, remaining: 0, reset_ms: window_ms };
     for _ in 0..CAS_ATTEMPTS {
-        let (bytes, cas) = match hostcalls::get_shared_data(&name) {
+        let (bytes, cas) = match hostcalls::get_shared_data(name) {
             Ok(v) => v,
             Err(e) => {
                 log::warn!("cannot read the local rate-limit window: {e:?}");
@@ -112,14 +128,14 @@ pub fn decide_locally(key: &LimitKey, now_ms: i64) -> Decision {
             }
         };
         let mut window = SlidingWindow::decode(bytes.as_deref().unwrap_or_default());
-        last = window.decide(now, key.limit, window_ms);
+        last = window.decide(now, limit, window_ms);
         if !last.allowed {
             // A denial records nothing.
             return last;
         }
         // A key nobody wrote yet has no CAS; two workers creating it at the
         // same instant may both admit (at most one extra, once per key).
-        match hostcalls::set_shared_data(&name, Some(&window.encode()), cas) {
+        match hostcalls::set_shared_data(name, Some(&window.encode()), cas) {
             Ok(()) => return last,
             Err(Status::CasMismatch) => continue,
             Err(e) => {

@@ -24,6 +24,15 @@ pub struct Metrics {
     pub ratelimit_limited: u32,
     pub ratelimit_degraded: u32,
     pub ratelimit_rls_errors: u32,
+    /// Failed authentications answered 429 (the address's budget was spent).
+    pub auth_failures_limited: u32,
+    /// Denials counted into a coalesced audit row instead of their own.
+    pub audit_coalesced: u32,
+    /// Coalesced rows sent to the control plane, and dropped unsent.
+    pub audit_summaries_sent: u32,
+    pub audit_summaries_dropped: u32,
+    /// Requests whose build or job belongs to another project (or none).
+    pub ownership_refuted: u32,
 }
 
 impl Metrics {
@@ -44,12 +53,21 @@ impl Metrics {
             ratelimit_limited: c("mcp_ratelimit_limited"),
             ratelimit_degraded: c("mcp_ratelimit_degraded"),
             ratelimit_rls_errors: c("mcp_ratelimit_rls_errors"),
+            auth_failures_limited: c("mcp_auth_failures_limited"),
+            audit_coalesced: c("mcp_audit_coalesced"),
+            audit_summaries_sent: c("mcp_audit_summaries_sent"),
+            audit_summaries_dropped: c("mcp_audit_summaries_dropped"),
+            ownership_refuted: c("mcp_ownership_refuted"),
         }
     }
 
     pub fn inc(id: u32) {
-        if id != 0 {
-            let _ = hostcalls::increment_metric(id, 1);
+        Self::add(id, 1);
+    }
+
+    pub fn add(id: u32, n: i64) {
+        if id != 0 && n != 0 {
+            let _ = hostcalls::increment_metric(id, n);
         }
     }
 

@@ -2,16 +2,21 @@
 //! and carries out its decision — pass through, local JSON reply, or a
 //! rewritten request with the user's upstream credential.
 //!
-//! An admitted request pauses on its rate-limit callout ([`crate::limiter`])
-//! and is finished by [`finish`] when the answer arrives, or by the root
-//! context's watchdog when it does not arrive in time.
+//! An admitted request pauses on its rate-limit callout ([`crate::limiter`],
+//! which also carries the ownership check of its builds and jobs) and is
+//! finished by [`finish`] when the answer arrives, or by the root context's
+//! watchdog when it does not arrive in time. A failed authentication counts
+//! against the client address's local budget (429 past it), and repeated
+//! identical denials are coalesced ([`mcp_filter_core::coalesce`]).
 
 use std::cell::RefCell;
 use std::rc::Rc;
 
-use mcp_filter_core::audit::Verdict;
+use mcp_filter_core::audit::{RequestFacts, Verdict};
+use mcp_filter_core::coalesce::{Audit, Key, Sample};
 use mcp_filter_core::config::PluginConfig;
 use mcp_filter_core::denial::{Denial, ErrorCode};
+use mcp_filter_core::ownership::{Claim, Ownership};
 use mcp_filter_core::pipeline::{self, Admission, Admitted, Forward, RequestHead};
 use mcp_filter_core::route::Shaping;
 use mcp_filter_core::shaping;
@@ -24,10 +29,6 @@ use crate::feed::Shared;
 use crate::host;
 use crate::limiter::{self, LimitKey};
 use crate::metrics::Metrics;
-
-/// Client headers that never reach the upstream on an MCP request (plus
-/// every `x-mcp-*`).
-const STRIPPED: [&str; 3] = ["authorization", "cookie", "x-original-method"];
 
 pub struct McpRequest {
     context_id: u32,
@@ -47,14 +48,23 @@ struct ResponsePlan {
     ratelimit: Vec<(&'static str, String)>,
 }
 
+/// What a decision on a request needs besides the decision.
+struct Described {
+    request_id: String,
+    facts: RequestFacts,
+}
+
 /// An admitted request between the rate-limit step and `authorize`.
 pub struct HeldRequest {
     pub key: LimitKey,
     admitted: Admitted,
+    /// The claim asked of the service: `None` when the path names no build
+    /// or job, or this VM confirmed it before.
+    asked: Option<Claim>,
     policy: Rc<Policy>,
     config: Rc<PluginConfig>,
     headers: Vec<(String, String)>,
-    request_id: String,
+    described: Described,
     plan: Rc<RefCell<ResponsePlan>>,
 }
 
@@ -76,51 +86,80 @@ impl McpRequest {
         Self { context_id, shared, shaping: None, plan: Rc::default() }
     }
 
-    fn deny(&self, denial: &Denial, request_id: &str) -> Action {
-        deny(&self.shared, denial, request_id, None)
-    }
-
     /// Step 4: asks the rate-limit service and pauses; if the callout cannot
     /// even start, the local window decides at once.
     fn rate_limit(&mut self, held: HeldRequest) -> Action {
         let now = host::now_unix_ms();
-        match limiter::ask_service(&held.config, &held.key) {
+        match limiter::ask_service(&held.config, &held.key, held.asked.as_ref()) {
             Ok(token) => {
                 self.shared.callouts.borrow_mut().hold(self.context_id, token, now, held);
                 Action::Pause
             }
             Err(e) => {
-                let decision = limiter::degrade(&self.shared.metrics(), &held.key, now, &format!("callout failed: {e:?}"));
-                finish(&self.shared, held, decision, false)
+                let (decision, ownership) =
+                    limiter::degrade(&self.shared.metrics(), &held.key, now, &format!("callout failed: {e:?}"));
+                finish(&self.shared, held, decision, ownership, false)
             }
         }
     }
+
+    /// A failed authentication: 401 while the client address has budget,
+    /// then 429 until its window frees a slot.
+    fn authentication_failed(&self, config: &PluginConfig, denial: Denial) -> Denial {
+        let decision = limiter::auth_failure(config, &host::client_address(), host::now_unix_ms());
+        if decision.allowed {
+            return denial;
+        }
+        Metrics::inc(self.shared.metrics().auth_failures_limited);
+        let mut limited = Denial::new(
+            ErrorCode::RateLimited,
+            format!(
+                "more than {} failed authentications from this address in {} s; retry in {} s",
+                config.auth_failure_limit,
+                config.auth_failure_window_seconds,
+                decision.retry_after()
+            ),
+        );
+        limited.headers.push(("retry-after", decision.retry_after().to_string()));
+        limited
+    }
 }
 
-fn deny(shared: &Shared, denial: &Denial, request_id: &str, remaining: Option<u32>) -> Action {
-    crate::audit::record(shared, Verdict::Deny(denial), remaining);
+/// Answers a denial locally; audits it, or counts it into a coalesced row.
+fn deny(shared: &Shared, denial: &Denial, described: &Described, remaining: Option<u32>) -> Action {
+    let facts = &described.facts;
+    let key = Key { address: host::client_address(), reason: denial.code.as_str().to_string(), token_id: facts.token_id.clone() };
+    let sample = || Sample {
+        method: facts.method.clone(),
+        path: facts.path.clone(),
+        route: facts.route.clone(),
+        project: facts.project.clone(),
+        user_id: facts.user_id.clone(),
+        status: denial.status(),
+    };
+    match shared.coalescer.borrow_mut().observe(key, sample, host::now_unix_ms()) {
+        Audit::Record => crate::audit::record(facts, Verdict::Deny(denial), remaining),
+        Audit::Counted => Metrics::inc(shared.metrics().audit_coalesced),
+    }
     Metrics::inc(shared.metrics().requests_denied);
-    let body = denial.body(request_id);
+    let body = denial.body(&described.request_id);
     let mut headers: Vec<(&str, &str)> = vec![("content-type", "application/json"), ("cache-control", "no-store")];
     headers.extend(denial.headers.iter().map(|(k, v)| (*k, v.as_str())));
     host::send_response(denial.status(), headers, body.as_bytes());
     Action::Pause
 }
 
-fn forward(shared: &Shared, fwd: &Forward, headers: &[(String, String)], ids: (&str, &str), remaining: Option<u32>) -> Action {
+fn forward(fwd: &Forward, headers: &[(String, String)], facts: &RequestFacts, ids: (&str, &str), remaining: Option<u32>) -> Action {
     let (token_id, user_id) = ids;
-    crate::audit::record(shared, Verdict::Forward, remaining);
-    Metrics::inc(shared.metrics().requests_allowed);
+    crate::audit::record(facts, Verdict::Forward, remaining);
     for (name, _) in headers {
-        if STRIPPED.contains(&name.as_str()) || name.starts_with("x-mcp-") {
+        if pipeline::is_stripped_header(name) {
             host::remove_request_header(name);
         }
     }
     host::set_request_header(":method", Some(&fwd.method));
     host::set_request_header(":path", Some(&fwd.path));
-    if let Some(cred) = &fwd.credential {
-        host::set_request_header("authorization", Some(&format!("Bearer {cred}")));
-    }
+    host::set_request_header("authorization", Some(&format!("Bearer {}", fwd.credential)));
     host::set_request_header("x-mcp-token-id", Some(token_id));
     host::set_request_header("x-mcp-user-id", Some(user_id));
     Action::Continue
@@ -128,9 +167,11 @@ fn forward(shared: &Shared, fwd: &Forward, headers: &[(String, String)], ids: (&
 
 /// Steps 4–7 once the limit is decided, in the request's (effective)
 /// context: 429 when over the limit, else `authorize` and forward or deny.
-/// `resume`: the request is paused and must be resumed after forwarding.
-pub fn finish(shared: &Shared, held: HeldRequest, decision: Decision, resume: bool) -> Action {
-    let HeldRequest { key, admitted, policy, config, headers, request_id, plan } = held;
+/// `ownership`: the service's verdict on the claim it was asked (Unknown
+/// in degraded mode). `resume`: the request is paused and must be resumed
+/// after forwarding.
+pub fn finish(shared: &Shared, held: HeldRequest, decision: Decision, ownership: Ownership, resume: bool) -> Action {
+    let HeldRequest { key, admitted, asked, policy, config, headers, described, plan } = held;
     let metrics = shared.metrics();
     Metrics::inc(if decision.allowed { metrics.ratelimit_allowed } else { metrics.ratelimit_limited });
     let ratelimit = decision.headers(key.limit);
@@ -148,9 +189,28 @@ pub fn finish(shared: &Shared, held: HeldRequest, decision: Decision, resume: bo
             ),
         );
         denial.headers.extend(ratelimit);
-        return deny(shared, &denial, &request_id, remaining);
+        return deny(shared, &denial, &described, remaining);
     }
-    match pipeline::authorize(&admitted, &policy, &config.routes, host::now_unix()) {
+    let ownership = match &asked {
+        // Nothing to check, or confirmed by this VM before.
+        None => Ownership::Confirmed,
+        Some(claim) => {
+            let mut cache = shared.ownership.borrow_mut();
+            match ownership {
+                Ownership::Confirmed => {
+                    cache.confirm(claim);
+                    Ownership::Confirmed
+                }
+                // Another request may have confirmed it meanwhile.
+                Ownership::Unknown if cache.confirms(claim) => Ownership::Confirmed,
+                other => other,
+            }
+        }
+    };
+    if ownership == Ownership::Refuted {
+        Metrics::inc(metrics.ownership_refuted);
+    }
+    match pipeline::authorize(&admitted, &policy, &config.routes, host::now_unix(), ownership) {
         Ok(fwd) => {
             if fwd.shaping != Shaping::None {
                 plan.borrow_mut().shaping = Some(ResponseShaping {
@@ -165,7 +225,8 @@ pub fn finish(shared: &Shared, held: HeldRequest, decision: Decision, resume: bo
             let grant = policy.grant(admitted.grant);
             let token_id = grant.map(|g| g.token_id()).unwrap_or_default();
             let user_id = grant.and_then(|g| policy.user(g.user)).map(|u| &*u.id).unwrap_or_default();
-            let action = forward(shared, &fwd, &headers, (token_id, user_id), remaining);
+            Metrics::inc(metrics.requests_allowed);
+            let action = forward(&fwd, &headers, &described.facts, (token_id, user_id), remaining);
             if resume {
                 if let Err(e) = proxy_wasm::hostcalls::resume_http_request() {
                     log::warn!("cannot resume the request: {e:?}");
@@ -175,7 +236,7 @@ pub fn finish(shared: &Shared, held: HeldRequest, decision: Decision, resume: bo
         }
         Err(mut denial) => {
             denial.headers.extend(ratelimit);
-            deny(shared, &denial, &request_id, remaining)
+            deny(shared, &denial, &described, remaining)
         }
     }
 }
@@ -184,10 +245,10 @@ impl Context for McpRequest {
     fn on_grpc_call_response(&mut self, token_id: u32, status_code: u32, response_size: usize) {
         // None: the watchdog decided this request already.
         let Some(held) = self.shared.callouts.borrow_mut().take(self.context_id, token_id) else { return };
-        let decision = limiter::read_answer(status_code, response_size).unwrap_or_else(|why| {
+        let (decision, ownership) = limiter::read_answer(status_code, response_size).unwrap_or_else(|why| {
             limiter::degrade(&self.shared.metrics(), &held.key, host::now_unix_ms(), &why)
         });
-        finish(&self.shared, held, decision, true);
+        finish(&self.shared, held, decision, ownership, true);
     }
 }
 
@@ -202,36 +263,36 @@ impl Drop for McpRequest {
 impl HttpContext for McpRequest {
     fn on_http_request_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
         let headers = host::request_headers();
-        let value = |name: &str| headers.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str());
-        let all = |name: &str| -> Vec<&str> { headers.iter().filter(|(k, _)| k == name).map(|(_, v)| v.as_str()).collect() };
-        let authorization = all("authorization");
-        let cookie = all("cookie");
-        let request_id = value("x-request-id").unwrap_or_default();
-        let head = RequestHead {
-            method: value(":method").unwrap_or_default(),
-            path: value(":path").unwrap_or_default(),
-            authorization: &authorization,
-            cookie: &cookie,
-        };
+        let head = RequestHead::new(&headers);
+        let request_id = head.values("x-request-id").next().unwrap_or_default().to_string();
         let Some(config) = self.shared.config() else {
-            return self.deny(
-                &Denial::new(mcp_filter_core::denial::ErrorCode::PolicyUnavailable, "the gateway is not configured"),
-                request_id,
-            );
+            let described = Described { request_id, facts: RequestFacts::default() };
+            let denial = Denial::new(ErrorCode::PolicyUnavailable, "the gateway is not configured");
+            return deny(&self.shared, &denial, &described, None);
         };
         let policy = self.shared.policy();
-        let now = host::now_unix();
-        match pipeline::admit(&head, policy.as_deref(), &config.routes, now) {
+        let admission = pipeline::admit(&head, policy.as_deref(), &config, host::now_unix());
+        if admission == Admission::PassThrough {
+            return Action::Continue;
+        }
+        let facts = RequestFacts::describe(&head, policy.as_deref(), &config.routes, head.on_infrabox(&config));
+        let described = Described { request_id, facts };
+        match admission {
             Admission::PassThrough => Action::Continue,
-            Admission::Deny(d) => self.deny(&d, request_id),
+            Admission::Deny(d) if d.code == ErrorCode::InvalidToken => {
+                let d = self.authentication_failed(&config, d);
+                deny(&self.shared, &d, &described, None)
+            }
+            Admission::Deny(d) => deny(&self.shared, &d, &described, None),
             Admission::Admitted(admitted) => {
                 // admit() only admits with a policy present.
                 let Some(policy) = policy else { return Action::Continue };
                 let Some(key) = LimitKey::of(&admitted, &policy, &config.routes) else {
-                    return self.deny(&Denial::new(ErrorCode::InvalidToken, "unknown or revoked token"), request_id);
+                    let d = Denial::new(ErrorCode::InvalidToken, "unknown or revoked token");
+                    return deny(&self.shared, &d, &described, None);
                 };
-                let request_id = request_id.to_string();
-                let held = HeldRequest { key, admitted, policy, config, headers, request_id, plan: self.plan.clone() };
+                let asked = admitted.claim.clone().filter(|c| !self.shared.ownership.borrow_mut().confirms(c));
+                let held = HeldRequest { key, admitted, asked, policy, config, headers, described, plan: self.plan.clone() };
                 self.rate_limit(held)
             }
         }
