@@ -77,8 +77,14 @@ pub struct EnvoyOptions {
     /// The control plane's gRPC listener (rate-limit service).
     pub cp_grpc_port: u16,
     pub rls_target: RlsTarget,
-    /// The plugin configuration (JSON object); must carry `snapshot_secret`.
+    /// The plugin configuration (JSON object); must carry `snapshot_secret`
+    /// and `hosts`.
     pub plugin_config: serde_json::Value,
+    /// The credential Envoy's access logger presents to the control plane
+    /// (the filter's is `grpc_secret` in the plugin configuration).
+    pub grpc_secret: String,
+    /// `xff_num_trusted_hops` (0: the client is Envoy's peer).
+    pub xff_trusted_hops: u32,
     /// Fixed listener port (for `make run`); a free one when `None`.
     pub listen_port: Option<u16>,
     pub concurrency: u32,
@@ -147,6 +153,8 @@ impl Envoy {
                 if opts.rls_target == RlsTarget::Unhealthy { "UNHEALTHY" } else { "UNKNOWN" }.to_string(),
             ),
             ("PLUGIN_CONFIG", plugin),
+            ("GRPC_SECRET", opts.grpc_secret.clone()),
+            ("XFF_TRUSTED_HOPS", opts.xff_trusted_hops.to_string()),
             (
                 "WASM_PATH",
                 match runtime {

@@ -1,12 +1,28 @@
-//! The fake InfraBox API upstream — the only mock in the system.
+//! The fake InfraBox API upstream — the only mock in the system — and as
+//! lenient as the real one wherever the gateway relies on it
+//! (`../shared/INFRABOX_API.md` §2, §8):
 //!
-//! It serves the upstream paths of the gateway's route table with the JSON
-//! shapes of InfraBox master, reads users, projects, collaborators and global
-//! tokens from the database the way InfraBox does, authenticates like
-//! InfraBox (`Authorization` first, `token` cookie only when that header is
-//! absent; RS256 user and global JWTs) and enforces collaborator membership
-//! and `scope_push` per request. Builds and jobs live in a small in-memory
-//! model. Every request is recorded before it is handled.
+//! - It serves the upstream paths of the gateway's route table with the JSON
+//!   shapes of InfraBox master, reads users, projects, collaborators and
+//!   global tokens from the database the way InfraBox does, and enforces
+//!   collaborator membership and `scope_push` per request.
+//! - It reads credentials like InfraBox's `get_token` behind eventlet
+//!   (`mcp_filter_core::credential::reference`): repeated headers joined with
+//!   `,`, `Authorization` before the cookie, `Basic` decoded by CPython's
+//!   lenient base64, cookies unquoted by Werkzeug 1.0.
+//! - Job resources are looked up the way InfraBox's handlers do: a console
+//!   of a running job, a job's output and a job abort by job id alone
+//!   (whatever project the path names); archives, test runs, tabs and badges
+//!   answer `[]` and a build of another project an empty list; a build abort
+//!   of another project's build is "Aborted all jobs" with nothing aborted.
+//! - Build restart, job restart and job rerun answer 500 to a global token
+//!   (InfraBox master treats it as a project token and fails).
+//!
+//! Builds and jobs live in a small in-memory model, and their ids, projects
+//! and builds also in InfraBox's `build` and `job` tables (the control
+//! plane's ownership check reads those). Every request is recorded before it
+//! is handled; the recorder is served on a listener of its own
+//! ([`FakeInfraBox::recorder_addr`]), never on the API's.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -17,7 +33,6 @@ use anyhow::{Context, Result};
 use axum::body::{Body, Bytes};
 use axum::http::{header, HeaderMap, Method, Request, StatusCode};
 use axum::response::{IntoResponse, Response};
-use base64::Engine;
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
@@ -64,6 +79,21 @@ pub struct RecordedRequest {
 }
 
 impl RecordedRequest {
+    /// Whether anything in this request could reveal an MCP secret to
+    /// InfraBox: any header value or the URL holding `ib_mcp_` as sent,
+    /// percent-decoded, cookie-unquoted or base64-decoded, or what
+    /// InfraBox's own parsers recover from its credential headers.
+    pub fn reveals_mcp_secret(&self) -> bool {
+        use mcp_filter_core::credential::{self as c, reference};
+        let all = |name: &str| self.header_all(name);
+        c::url_reveals(self.path.as_bytes())
+            || self.headers.iter().any(|(_, v)| c::contains_marker(v.as_bytes()))
+            || c::authorization_reveals(all("authorization").into_iter())
+            || c::authorization_reveals(all("proxy-authorization").into_iter())
+            || c::cookie_reveals(all("cookie").into_iter())
+            || reference::infrabox_views(&all("authorization"), &all("cookie")).iter().any(|v| c::contains_marker(v))
+    }
+
     /// The first header named `name` (case-insensitive).
     pub fn header(&self, name: &str) -> Option<&str> {
         self.headers.iter().find(|(n, _)| n.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
@@ -109,7 +139,10 @@ struct JobRecord {
     project: Uuid,
     name: String,
     state: String,
+    /// The `job.console` column (a finished job's log).
     console: Option<Bytes>,
+    /// Rows of the `console` table (a running job's log so far).
+    live_console: Option<Bytes>,
     archive: Vec<(String, Bytes)>,
     output: Option<Bytes>,
 }
@@ -118,10 +151,21 @@ struct JobRecord {
 struct Model {
     builds: HashMap<Uuid, BuildRecord>,
     jobs: HashMap<Uuid, JobRecord>,
+    /// Job ids an abort was inserted for, in order (InfraBox's `abort` table).
+    aborts: Vec<Uuid>,
+}
+
+/// Rows a new build adds to InfraBox's tables.
+struct NewRows {
+    build: Uuid,
+    project: Uuid,
+    build_number: i64,
+    restart_counter: i64,
+    jobs: Vec<(Uuid, String)>,
 }
 
 impl Model {
-    fn add_build(&mut self, project: Uuid, restart_of: Option<(i64, i64)>) -> (Uuid, Vec<Uuid>) {
+    fn add_build(&mut self, project: Uuid, restart_of: Option<(i64, i64)>) -> NewRows {
         let (build_number, restart_counter) = match restart_of {
             Some((number, counter)) => (number, counter + 1),
             None => {
@@ -140,6 +184,7 @@ impl Model {
                     name,
                     state: "finished".into(),
                     console: None,
+                    live_console: None,
                     archive: vec![(
                         "report.xml".to_string(),
                         Bytes::from(format!("<testsuite name=\"{job}\" tests=\"1\"/>\n")),
@@ -149,8 +194,35 @@ impl Model {
             );
         }
         self.builds.insert(build, BuildRecord { project, build_number, restart_counter, jobs: jobs.clone() });
-        (build, jobs)
+        let names = jobs.iter().map(|j| (*j, self.jobs.get(j).map(|r| r.name.clone()).unwrap_or_default())).collect();
+        NewRows { build, project, build_number, restart_counter, jobs: names }
     }
+}
+
+/// Writes a new build's rows into InfraBox's `build` and `job` tables.
+async fn insert_rows(pool: &PgPool, rows: &NewRows) -> Result<()> {
+    sqlx::query("INSERT INTO build (id, build_number, restart_counter, project_id) VALUES ($1, $2, $3, $4)")
+        .bind(rows.build)
+        .bind(rows.build_number as i32)
+        .bind(rows.restart_counter as i32)
+        .bind(rows.project)
+        .execute(pool)
+        .await
+        .context("inserting build")?;
+    for (job, name) in &rows.jobs {
+        sqlx::query(
+            "INSERT INTO job (id, state, build_id, type, name, project_id, definition) \
+             VALUES ($1, 'finished', $2, 'run_project_container', $3, $4, '{}'::jsonb)",
+        )
+        .bind(job)
+        .bind(rows.build)
+        .bind(name)
+        .bind(rows.project)
+        .execute(pool)
+        .await
+        .context("inserting job")?;
+    }
+    Ok(())
 }
 
 struct Shared {
@@ -165,8 +237,10 @@ struct Shared {
 /// A running fake InfraBox; the server stops when this is dropped.
 pub struct FakeInfraBox {
     addr: SocketAddr,
+    recorder_addr: SocketAddr,
     shared: Arc<Shared>,
     server: tokio::task::JoinHandle<()>,
+    recorder: tokio::task::JoinHandle<()>,
 }
 
 impl std::fmt::Debug for FakeInfraBox {
@@ -178,6 +252,7 @@ impl std::fmt::Debug for FakeInfraBox {
 impl Drop for FakeInfraBox {
     fn drop(&mut self) {
         self.server.abort();
+        self.recorder.abort();
     }
 }
 
@@ -224,7 +299,43 @@ impl FakeInfraBox {
         let server = tokio::spawn(async move {
             let _ = axum::serve(listener, app).await;
         });
-        Ok(Self { addr, shared, server })
+        // The recorder: loopback only, never the API's port (what a gateway
+        // in front could route to).
+        let recorder_listener = tokio::net::TcpListener::bind(SocketAddr::from(([127, 0, 0, 1], 0))).await?;
+        let recorder_addr = recorder_listener.local_addr()?;
+        let state = shared.clone();
+        let recorder_app = axum::Router::new().fallback(move |req: Request<Body>| {
+            let state = state.clone();
+            async move { recorder(state, req) }
+        });
+        let recorder = tokio::spawn(async move {
+            let _ = axum::serve(recorder_listener, recorder_app).await;
+        });
+        Ok(Self { addr, recorder_addr, shared, server, recorder })
+    }
+
+    /// Where `GET`/`DELETE /__fake/requests` are served (not the API's port).
+    pub fn recorder_addr(&self) -> SocketAddr {
+        self.recorder_addr
+    }
+
+    /// Job ids an abort was inserted for, in order.
+    pub fn aborted_jobs(&self) -> Vec<Uuid> {
+        lock(&self.shared.model).aborts.clone()
+    }
+
+    /// Makes a job running with `log` so far in the `console` table (which
+    /// InfraBox serves by job id alone).
+    pub fn set_running_console(&self, job: Uuid, log: impl Into<Bytes>) -> bool {
+        match lock(&self.shared.model).jobs.get_mut(&job) {
+            Some(j) => {
+                j.state = "running".into();
+                j.console = None;
+                j.live_console = Some(log.into());
+                true
+            }
+            None => false,
+        }
     }
 
     /// The bound address.
@@ -253,9 +364,12 @@ impl FakeInfraBox {
     }
 
     /// Adds a build with two finished jobs ("Create Jobs", "build") to
-    /// `project` (which should exist in the database); returns the ids.
-    pub fn add_build(&self, project: Uuid) -> (Uuid, Vec<Uuid>) {
-        lock(&self.shared.model).add_build(project, None)
+    /// `project` (which must exist in the database), in the model and in
+    /// InfraBox's `build` and `job` tables; returns the ids.
+    pub async fn add_build(&self, project: Uuid) -> Result<(Uuid, Vec<Uuid>)> {
+        let rows = lock(&self.shared.model).add_build(project, None);
+        insert_rows(&self.shared.pool, &rows).await?;
+        Ok((rows.build, rows.jobs.into_iter().map(|(j, _)| j).collect()))
     }
 
     /// Replaces a job's console log (e.g. 20 MiB to test truncation).
@@ -360,22 +474,26 @@ fn binary(content_type: &'static str, bytes: Bytes) -> Response {
     ([(header::CONTENT_TYPE, content_type)], bytes).into_response()
 }
 
+/// The recorder listener: `GET`/`DELETE /__fake/requests`.
+fn recorder(state: Arc<Shared>, req: Request<Body>) -> Response {
+    if req.uri().path() != "/__fake/requests" {
+        return not_found();
+    }
+    match *req.method() {
+        Method::GET => axum::Json(lock(&state.records).clone()).into_response(),
+        Method::DELETE => {
+            lock(&state.records).clear();
+            StatusCode::NO_CONTENT.into_response()
+        }
+        _ => message(405, "The method is not allowed for the requested URL."),
+    }
+}
+
 async fn handle(state: Arc<Shared>, req: Request<Body>) -> Response {
     let (parts, body) = req.into_parts();
     let body = axum::body::to_bytes(body, usize::MAX).await.unwrap_or_default();
     let path = parts.uri.path().to_string();
     let path_and_query = parts.uri.path_and_query().map(|p| p.as_str().to_string()).unwrap_or_else(|| path.clone());
-
-    if path == "/__fake/requests" {
-        return match parts.method {
-            Method::GET => axum::Json(lock(&state.records).clone()).into_response(),
-            Method::DELETE => {
-                lock(&state.records).clear();
-                StatusCode::NO_CONTENT.into_response()
-            }
-            _ => message(405, "The method is not allowed for the requested URL."),
-        };
-    }
 
     lock(&state.records).push(RecordedRequest {
         method: parts.method.to_string(),
@@ -452,40 +570,30 @@ impl Caller {
     }
 }
 
-/// InfraBox's `get_token`: the raw credential, Authorization before cookie.
-fn extract_token(headers: &HeaderMap) -> Option<String> {
-    if let Some(auth) = headers.get(header::AUTHORIZATION) {
-        let auth = String::from_utf8_lossy(auth.as_bytes()).into_owned();
-        if let Some(rest) = auth.strip_prefix("Basic ") {
-            let decoded = base64::engine::general_purpose::STANDARD.decode(rest.trim()).ok()?;
-            let decoded = String::from_utf8(decoded).ok()?;
-            let (user, password) = decoded.split_once(':')?;
-            return (user == "infrabox").then(|| password.to_string());
-        }
-        for scheme in ["token ", "bearer ", "Bearer "] {
-            if let Some(rest) = auth.strip_prefix(scheme) {
-                return Some(rest.to_string());
-            }
-        }
-        return None;
-    }
-    for cookie_header in headers.get_all(header::COOKIE) {
-        let text = String::from_utf8_lossy(cookie_header.as_bytes()).into_owned();
-        for pair in text.split(';') {
-            if let Some((name, value)) = pair.trim().split_once('=') {
-                if name == "token" {
-                    return Some(value.to_string());
-                }
-            }
-        }
-    }
-    None
+/// The credential headers as the WSGI server hands them to InfraBox.
+fn header_values<'a>(headers: &'a HeaderMap, name: header::HeaderName) -> Vec<String> {
+    headers.get_all(name).iter().map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned()).collect()
+}
+
+/// InfraBox's `get_token`: the raw credential (see
+/// [`mcp_filter_core::credential::reference::infrabox_get_token`]) and
+/// whether it came with a `token`/`bearer`/`Bearer` scheme (the only place
+/// InfraBox turns an `ib_mcp_` value into its MCP placeholder).
+fn extract_token(headers: &HeaderMap) -> Option<(String, bool)> {
+    let auth = header_values(headers, header::AUTHORIZATION);
+    let cookie = header_values(headers, header::COOKIE);
+    let auth: Vec<&str> = auth.iter().map(String::as_str).collect();
+    let cookie: Vec<&str> = cookie.iter().map(String::as_str).collect();
+    let raw = mcp_filter_core::credential::reference::infrabox_get_token(&auth, &cookie)?;
+    let joined = auth.join(",");
+    let bearer_scheme = ["token ", "bearer ", "Bearer "].iter().any(|s| joined.starts_with(s));
+    Some((String::from_utf8_lossy(&raw).into_owned(), bearer_scheme))
 }
 
 /// InfraBox's `normalize_token`.
 async fn authenticate(state: &Shared, headers: &HeaderMap) -> Result<Caller> {
-    let Some(token) = extract_token(headers) else { return Ok(Caller::Anonymous) };
-    if token.starts_with("ib_mcp_") {
+    let Some((token, bearer_scheme)) = extract_token(headers) else { return Ok(Caller::Anonymous) };
+    if bearer_scheme && token.starts_with("ib_mcp_") {
         return Ok(Caller::Mcp);
     }
     let mut validation = Validation::new(Algorithm::RS256);
@@ -720,21 +828,52 @@ async fn project_endpoint(
         if !allowed {
             return Ok(message(OPA_DENY_STATUS, "Unauthorized"));
         }
-        if endpoint.is_write() {
+        // OPA's `builds,_,_` rule also matches builds/<id>/abort, so a
+        // global token without scope_push may abort a build (§8).
+        let needs_push = endpoint.is_write() && !matches!(endpoint, ProjectEndpoint::BuildAction(_, "abort"));
+        if needs_push {
             if let Caller::Global { scope_push: false, .. } = caller {
                 return Ok(message(SCOPE_DENY_STATUS, "Forbidden: global token has no push scope"));
             }
         }
     }
 
-    let Some(project) = project else { return Ok(message(404, "Project not found")) };
-    let mut model = lock(&state.model);
+    // Build restart and job restart/rerun treat every non-user token as a
+    // project token (KeyError, or no auth_token row: TypeError) — a 500.
+    if matches!(endpoint, ProjectEndpoint::BuildAction(_, "restart") | ProjectEndpoint::JobAction(_, "restart" | "rerun"))
+        && matches!(caller, Caller::Global { .. })
+    {
+        return Ok(message(500, "Internal Server Error"));
+    }
 
+    let Some(project) = project else { return Ok(message(404, "Project not found")) };
+    let (response, new_rows) = {
+        let mut model = lock(&state.model);
+        answer(&mut model, &project, role.as_deref(), endpoint, query, body)
+    };
+    if let Some(rows) = new_rows {
+        insert_rows(&state.pool, &rows).await?;
+    }
+    Ok(response)
+}
+
+/// InfraBox's answer to a project endpoint (authorization done), and the
+/// rows a new build adds.
+fn answer(
+    model: &mut Model,
+    project: &ProjectRow,
+    role: Option<&str>,
+    endpoint: ProjectEndpoint,
+    query: &HashMap<String, String>,
+    body: &Bytes,
+) -> (Response, Option<NewRows>) {
+    let pid = project.id;
     let build_of = |model: &Model, bid: Uuid| model.builds.get(&bid).filter(|b| b.project == pid).cloned();
     let job_of = |model: &Model, jid: Uuid| model.jobs.get(&jid).filter(|j| j.project == pid).cloned();
+    let mut new_rows = None;
 
-    Ok(match endpoint {
-        ProjectEndpoint::Project => axum::Json(project_json(&project, role.as_deref())).into_response(),
+    let response = match endpoint {
+        ProjectEndpoint::Project => axum::Json(project_json(project, role)).into_response(),
         ProjectEndpoint::Builds => {
             let mut builds: Vec<_> = model.builds.iter().filter(|(_, b)| b.project == pid).collect();
             builds.sort_by(|a, b| (b.1.build_number, b.1.restart_counter).cmp(&(a.1.build_number, a.1.restart_counter)));
@@ -745,12 +884,14 @@ async fn project_endpoint(
                 .collect();
             axum::Json(list).into_response()
         }
-        ProjectEndpoint::Build(bid) => match build_of(&model, bid) {
+        // `WHERE project_id = %s AND id = %s`: another project's build (or
+        // none) is an empty list.
+        ProjectEndpoint::Build(bid) => match build_of(model, bid) {
             Some(b) => axum::Json(json!([{"id": bid, "build_number": b.build_number, "restart_counter": b.restart_counter}]))
                 .into_response(),
-            None => message(404, "Build not found"),
+            None => axum::Json(json!([])).into_response(),
         },
-        ProjectEndpoint::BuildJobs(bid) => match build_of(&model, bid) {
+        ProjectEndpoint::BuildJobs(bid) => match build_of(model, bid) {
             Some(b) => {
                 let jobs: Vec<Value> = b
                     .jobs
@@ -760,7 +901,7 @@ async fn project_endpoint(
                     .collect();
                 axum::Json(jobs).into_response()
             }
-            None => message(404, "Build not found"),
+            None => axum::Json(json!([])).into_response(),
         },
         ProjectEndpoint::Jobs => {
             let mut builds: Vec<_> = model.builds.iter().filter(|(_, b)| b.project == pid).collect();
@@ -789,49 +930,77 @@ async fn project_endpoint(
             axum::Json(list).into_response()
         }
         ProjectEndpoint::JobData(jid, what) => {
-            let Some(j) = job_of(&model, jid) else { return Ok(message(404, "Job not found")) };
-            match what {
-                "console" => binary("text/plain; charset=utf-8", console_bytes(jid, &j)),
-                "output" => binary("application/gzip", output_bytes(jid, &j)),
-                "archive" => axum::Json(
+            let own = job_of(model, jid);
+            match (what, own) {
+                // console: job.console within the project, else the console
+                // table by job id alone.
+                ("console", Some(j)) if j.console.is_some() || j.live_console.is_none() => {
+                    binary("text/plain; charset=utf-8", console_bytes(jid, &j))
+                }
+                ("console", _) => match model.jobs.get(&jid).and_then(|j| j.live_console.clone()) {
+                    Some(log) => binary("text/plain; charset=utf-8", log),
+                    None => axum::Json(json!("")).into_response(),
+                },
+                // output: storage by job id alone.
+                ("output", _) => match model.jobs.get(&jid) {
+                    Some(j) => binary("application/gzip", output_bytes(jid, j)),
+                    None => not_found(),
+                },
+                ("stats", None) => not_found(),
+                // archive, testruns, tabs, badges: `WHERE id AND project_id`.
+                (_, None) => axum::Json(json!([])).into_response(),
+                ("archive", Some(j)) => axum::Json(
                     j.archive.iter().map(|(name, b)| json!({"filename": name, "size": b.len()})).collect::<Vec<_>>(),
                 )
                 .into_response(),
-                "testruns" => axum::Json(json!([
+                ("testruns", Some(_)) => axum::Json(json!([
                     {"state": "ok", "name": "test_login", "suite": "auth", "duration": 12, "message": "", "stack": "", "timestamp": "2026-01-01T00:00:30+00:00"},
                     {"state": "failure", "name": "test_logout", "suite": "auth", "duration": 7, "message": "assert", "stack": "Traceback", "timestamp": "2026-01-01T00:00:31+00:00"}
                 ]))
                 .into_response(),
-                "stats" => axum::Json(json!({j.name.clone(): [
+                ("stats", Some(j)) => axum::Json(json!({j.name.clone(): [
                     {"cpu": 12.5, "mem": 104857600, "date": 1767225600},
                     {"cpu": 40.0, "mem": 209715200, "date": 1767225610}
                 ]}))
                 .into_response(),
-                "tabs" => axum::Json(json!([{"name": "Summary", "data": "{\"type\":\"group\",\"elements\":[]}", "type": "markup"}]))
+                ("tabs", Some(_)) => axum::Json(json!([{"name": "Summary", "data": "{\"type\":\"group\",\"elements\":[]}", "type": "markup"}]))
                     .into_response(),
-                "badges" => axum::Json(json!([{"subject": "coverage", "status": "87%", "color": "green"}])).into_response(),
+                ("badges", Some(_)) => axum::Json(json!([{"subject": "coverage", "status": "87%", "color": "green"}])).into_response(),
                 _ => not_found(),
             }
         }
-        ProjectEndpoint::ArchiveDownload(jid) => {
-            let Some(j) = job_of(&model, jid) else { return Ok(message(404, "Job not found")) };
-            let Some(filename) = query.get("filename") else { return Ok(message(400, "filename not set")) };
-            match j.archive.iter().find(|(n, _)| n == filename) {
+        ProjectEndpoint::ArchiveDownload(jid) => match (job_of(model, jid), query.get("filename")) {
+            (_, None) | (None, _) => not_found(),
+            (Some(j), Some(filename)) => match j.archive.iter().find(|(n, _)| n == filename) {
                 Some((_, bytes)) => binary("application/octet-stream", bytes.clone()),
-                None => message(404, "File not found"),
-            }
-        }
+                None => not_found(),
+            },
+        },
         ProjectEndpoint::Trigger => {
             let parsed: Value = serde_json::from_slice(body).unwrap_or(Value::Null);
             if parsed.get("branch_or_sha").and_then(Value::as_str).is_none() {
-                return Ok(message(400, "Input payload validation failed: 'branch_or_sha' is a required property"));
+                return (message(400, "Input payload validation failed: 'branch_or_sha' is a required property"), None);
             }
-            let (bid, _) = model.add_build(pid, None);
-            let number = model.builds[&bid].build_number;
-            ok("Build triggered", Some(json!({"build": {"id": bid, "build_number": number, "restartCounter": 1}})))
+            let rows = model.add_build(pid, None);
+            let response = ok("Build triggered", Some(json!({"build": {"id": rows.build, "build_number": rows.build_number, "restartCounter": 1}})));
+            new_rows = Some(rows);
+            response
+        }
+        // Abort: `SELECT id FROM job WHERE build_id AND project_id`, one
+        // abort per job found: another project's build aborts nothing.
+        ProjectEndpoint::BuildAction(bid, "abort") => {
+            if let Some(b) = build_of(model, bid) {
+                for jid in &b.jobs {
+                    if let Some(j) = model.jobs.get_mut(jid) {
+                        j.state = "killed".into();
+                    }
+                    model.aborts.push(*jid);
+                }
+            }
+            ok("Aborted all jobs", None)
         }
         ProjectEndpoint::BuildAction(bid, action) => {
-            let Some(b) = build_of(&model, bid) else { return Ok(message(404, "Build not found")) };
+            let Some(b) = build_of(model, bid) else { return (not_found(), None) };
             match action {
                 "restart" => {
                     let counter = model
@@ -841,33 +1010,37 @@ async fn project_endpoint(
                         .map(|x| x.restart_counter)
                         .max()
                         .unwrap_or(b.restart_counter);
-                    let (new_id, _) = model.add_build(pid, Some((b.build_number, counter)));
-                    ok("Restarted", Some(json!({"build": {"id": new_id, "restartCounter": counter + 1}})))
+                    let rows = model.add_build(pid, Some((b.build_number, counter)));
+                    let response = ok("Restarted", Some(json!({"build": {"id": rows.build, "restartCounter": counter + 1}})));
+                    new_rows = Some(rows);
+                    response
                 }
-                _ => {
-                    for jid in &b.jobs {
-                        if let Some(j) = model.jobs.get_mut(jid) {
-                            j.state = "killed".into();
-                        }
-                    }
-                    ok("Aborted all jobs", None)
-                }
+                _ => not_found(),
             }
         }
+        // Abort: `INSERT INTO abort(job_id, …)` for any job id, whatever
+        // project the path names.
+        ProjectEndpoint::JobAction(jid, "abort") => {
+            if let Some(j) = model.jobs.get_mut(&jid) {
+                j.state = "killed".into();
+            }
+            model.aborts.push(jid);
+            ok("Successfully aborted job", None)
+        }
         ProjectEndpoint::JobAction(jid, action) => {
-            if job_of(&model, jid).is_none() {
-                return Ok(message(404, "Job not found"));
+            if job_of(model, jid).is_none() {
+                return (not_found(), None);
             }
             if let Some(j) = model.jobs.get_mut(&jid) {
-                j.state = if action == "abort" { "killed".into() } else { "queued".into() };
+                j.state = "queued".into();
             }
             match action {
                 "restart" => ok("Successfully restarted job", None),
-                "rerun" => ok("Successfully started rerun", None),
-                _ => ok("Successfully aborted job", None),
+                _ => ok("Successfully started rerun", None),
             }
         }
-    })
+    };
+    (response, new_rows)
 }
 
 fn job_model_json(jid: Uuid, j: &JobRecord, b: &BuildRecord) -> Value {
@@ -972,20 +1145,31 @@ mod tests {
         h
     }
 
+    fn token(h: &HeaderMap) -> Option<String> {
+        extract_token(h).map(|(t, _)| t)
+    }
+
     #[test]
     fn token_extraction_follows_infrabox() {
+        use base64::Engine;
         let basic = base64::engine::general_purpose::STANDARD.encode("infrabox:jwt1");
-        assert_eq!(extract_token(&headers(&[("authorization", &format!("Basic {basic}"))])).as_deref(), Some("jwt1"));
-        assert_eq!(extract_token(&headers(&[("authorization", "token a")])).as_deref(), Some("a"));
-        assert_eq!(extract_token(&headers(&[("authorization", "bearer b")])).as_deref(), Some("b"));
-        assert_eq!(extract_token(&headers(&[("authorization", "Bearer c")])).as_deref(), Some("c"));
-        assert_eq!(extract_token(&headers(&[("authorization", "BEARER c")])), None);
+        assert_eq!(token(&headers(&[("authorization", &format!("Basic {basic}"))])).as_deref(), Some("jwt1"));
+        // Lenient like CPython's b64decode: junk skipped, padding optional
+        // after a complete quad, trailing input after the pad ignored.
+        let junk: String = basic.chars().flat_map(|c| [c, '!']).collect();
+        assert_eq!(token(&headers(&[("authorization", &format!("Basic {junk}"))])).as_deref(), Some("jwt1"));
+        assert_eq!(token(&headers(&[("authorization", "token a")])).as_deref(), Some("a"));
+        assert_eq!(token(&headers(&[("authorization", "bearer b")])).as_deref(), Some("b"));
+        assert_eq!(token(&headers(&[("authorization", "Bearer c")])).as_deref(), Some("c"));
+        assert_eq!(token(&headers(&[("authorization", "BEARER c")])), None);
+        // Repeated headers are joined with "," as eventlet does.
+        assert_eq!(token(&headers(&[("authorization", "Bearer c"), ("authorization", "Bearer d")])).as_deref(), Some("c,Bearer"));
         // The cookie only counts when Authorization is absent.
-        assert_eq!(
-            extract_token(&headers(&[("authorization", "Digest x"), ("cookie", "token=k")])),
-            None
-        );
-        assert_eq!(extract_token(&headers(&[("cookie", "a=1; token=k; b=2")])).as_deref(), Some("k"));
+        assert_eq!(token(&headers(&[("authorization", "Digest x"), ("cookie", "token=k")])), None);
+        assert_eq!(token(&headers(&[("cookie", "a=1; token=k; b=2")])).as_deref(), Some("k"));
+        // Werkzeug unquotes a quoted cookie value.
+        assert_eq!(token(&headers(&[("cookie", r#"token="k\145y""#)])).as_deref(), Some("key"));
+        assert_eq!(extract_token(&headers(&[("authorization", "bearer ib_mcp_x")])).map(|(_, b)| b), Some(true));
     }
 
     #[test]

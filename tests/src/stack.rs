@@ -39,7 +39,13 @@ pub struct StackOptions {
     pub rls_target: RlsTarget,
     /// Where Envoy runs; `None`: as `MCP_E2E_RUNTIME` selects.
     pub envoy_runtime: Option<Runtime>,
+    /// Envoy's `xff_num_trusted_hops`.
+    pub xff_trusted_hops: u32,
 }
+
+/// The InfraBox hosts of the test gateway: what the raw client sends by
+/// default (`127.0.0.1:<port>`), and a name tests set explicitly.
+pub const INFRABOX_HOSTS: [&str; 2] = ["127.0.0.1", "infrabox.test"];
 
 impl Default for StackOptions {
     fn default() -> Self {
@@ -52,6 +58,7 @@ impl Default for StackOptions {
             plugin: json!({}),
             rls_target: RlsTarget::ControlPlane,
             envoy_runtime: None,
+            xff_trusted_hops: 0,
         }
     }
 }
@@ -61,6 +68,7 @@ pub struct Stack {
     pub database_url: String,
     pub key: &'static SigningKey,
     pub snapshot_secret: String,
+    pub grpc_secret: String,
     pub infrabox: FakeInfraBox,
     pub control_plane: ControlPlane,
     pub envoy: Envoy,
@@ -76,6 +84,9 @@ impl Stack {
         infrabox_db::load_infrabox_schema(&db).await?;
         let key = SigningKey::shared();
         let snapshot_secret = format!("snap-{}", Uuid::new_v4().simple());
+        // A secret of its own for the gRPC listener, so a wiring that sends
+        // the wrong one fails.
+        let grpc_secret = format!("grpc-{}", Uuid::new_v4().simple());
         let infrabox = FakeInfraBox::start(FakeInfraBoxConfig {
             database_url: database_url.clone(),
             public_key_pem: key.public_pem().to_string(),
@@ -100,6 +111,7 @@ impl Stack {
                     ("MCP_LIMIT_DEFAULT".to_string(), "10000".to_string()),
                     ("INFRABOX_URL".to_string(), infrabox.url()),
                     ("MCP_CREDENTIAL_KEY".to_string(), random_key_hex()),
+                    ("MCP_GRPC_SECRET".to_string(), grpc_secret.clone()),
                 ],
                 opts.control_plane_env.clone(),
             ]
@@ -110,6 +122,8 @@ impl Stack {
         }
         let mut plugin = json!({
             "snapshot_secret": snapshot_secret,
+            "grpc_secret": grpc_secret,
+            "hosts": INFRABOX_HOSTS,
             "snapshot_wait_seconds": opts.snapshot_wait_seconds,
         });
         if let (Some(p), Some(extra)) = (plugin.as_object_mut(), opts.plugin.as_object()) {
@@ -124,6 +138,8 @@ impl Stack {
             cp_grpc_port: control_plane.grpc_port(),
             rls_target: opts.rls_target,
             plugin_config: plugin,
+            grpc_secret: grpc_secret.clone(),
+            xff_trusted_hops: opts.xff_trusted_hops,
             listen_port: None,
             concurrency: opts.envoy_concurrency,
         };
@@ -133,7 +149,7 @@ impl Stack {
                 .wait_stat("wasmcustom.mcp_snapshot_updates", u64::from(opts.envoy_concurrency), Duration::from_secs(20))
                 .context("waiting for the first snapshot")?;
         }
-        Ok(Self { db, database_url, key, snapshot_secret, infrabox, control_plane, envoy, envoy_options })
+        Ok(Self { db, database_url, key, snapshot_secret, grpc_secret, infrabox, control_plane, envoy, envoy_options })
     }
 
     /// The ingress.
@@ -153,7 +169,7 @@ impl Stack {
         for i in 0..projects {
             let p = infrabox_db::create_project(&self.db, &format!("{name}-project-{i}"), "upload", false).await?;
             infrabox_db::add_collaborator(&self.db, user, p, "Developer").await?;
-            self.infrabox.add_build(p);
+            self.infrabox.add_build(p).await?;
             ids.push(p);
         }
         Ok((user, ids))

@@ -29,9 +29,13 @@ use uuid::Uuid;
 /// Gap detection settles after 1 s in these tests (production: 300 s).
 const FAST_GAPS: [(&str, &str); 2] = [("MCP_AUDIT_GAP_GRACE_SECONDS", "1"), ("MCP_AUDIT_GAP_CHECK_SECONDS", "1")];
 
+/// These suites test the transport of one record per request: identical
+/// denials are not coalesced here and the address's failed-authentication
+/// budget is out of reach (both are tested in tests/attacks.rs).
 async fn stack(env: &[(&str, &str)]) -> Stack {
     Stack::start(StackOptions {
         control_plane_env: env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+        plugin: json!({"audit_coalesce_seconds": 0, "auth_failure_limit": 1_000_000}),
         ..StackOptions::default()
     })
     .await
@@ -668,8 +672,9 @@ fn entry(node: &str, vm: &str, seq: u64, start: chrono::DateTime<chrono::Utc>) -
     }
 }
 
-/// Streams `entries` to the control plane's AccessLogService in one stream.
-async fn stream_entries(addr: SocketAddr, batches: Vec<Vec<HttpAccessLogEntry>>) {
+/// Streams `entries` to the control plane's AccessLogService in one stream,
+/// with the internal credential Envoy sends.
+async fn stream_entries(addr: SocketAddr, secret: &str, batches: Vec<Vec<HttpAccessLogEntry>>) {
     let mut client = AccessLogServiceClient::connect(format!("http://{addr}")).await.unwrap();
     let messages: Vec<StreamAccessLogsMessage> = batches
         .into_iter()
@@ -678,7 +683,9 @@ async fn stream_entries(addr: SocketAddr, batches: Vec<Vec<HttpAccessLogEntry>>)
             log_entries: Some(LogEntries::HttpLogs(HttpAccessLogEntries { log_entry: b })),
         })
         .collect();
-    client.stream_access_logs(tonic::codegen::tokio_stream::iter(messages)).await.unwrap();
+    let mut request = tonic::Request::new(tonic::codegen::tokio_stream::iter(messages));
+    request.metadata_mut().insert("authorization", format!("Bearer {secret}").parse().unwrap());
+    client.stream_access_logs(request).await.unwrap();
 }
 
 async fn gaps_of(db: &PgPool, vm: &str) -> Vec<(i64, i64, i64, i64)> {
@@ -701,7 +708,7 @@ async fn gaps_late_entries_and_duplicates_on_the_wire() {
     // 1, 2, 3, 6, 7, 10 arrive (and an entry without a record); 4-5 and 8-9 do not.
     let mut first: Vec<HttpAccessLogEntry> = [1, 2, 3, 6, 7, 10].iter().map(|n| entry("node-x", &vm, *n, now)).collect();
     first.push(HttpAccessLogEntry::default());
-    stream_entries(addr, vec![first]).await;
+    stream_entries(addr, &s.grpc_secret, vec![first]).await;
     let start = Instant::now();
     while gaps_of(&s.db, &vm).await.len() < 2 {
         assert!(start.elapsed() < Duration::from_secs(15), "gaps not recorded");
@@ -709,7 +716,7 @@ async fn gaps_late_entries_and_duplicates_on_the_wire() {
     }
     assert_eq!(gaps_of(&s.db, &vm).await, vec![(4, 5, 2, 0), (8, 9, 2, 0)]);
     // 5 arrives late, 2 again (a duplicate), then 11 follows on time.
-    stream_entries(addr, vec![vec![entry("node-x", &vm, 5, now), entry("node-x", &vm, 2, now)], vec![entry("node-x", &vm, 11, now)]]).await;
+    stream_entries(addr, &s.grpc_secret, vec![vec![entry("node-x", &vm, 5, now), entry("node-x", &vm, 2, now)], vec![entry("node-x", &vm, 11, now)]]).await;
     let start = Instant::now();
     loop {
         let rows: i64 = sqlx::query("SELECT count(*) AS n FROM mcp_access_log WHERE vm_id = $1")

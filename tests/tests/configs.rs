@@ -47,7 +47,7 @@ fn validate(bin: &Path, name: &str, yaml: &str) -> (bool, String) {
 }
 
 fn dummy_plugin_config() -> String {
-    r#"{"snapshot_secret":"validate-only-not-a-secret-0123456789"}"#.to_string()
+    r#"{"snapshot_secret":"validate-only-not-a-secret-0123456789","hosts":["infrabox.example.com"]}"#.to_string()
 }
 
 /// The template with every `{{NAME}}` filled with a dummy value of its kind,
@@ -70,6 +70,8 @@ fn rendered_template(plugin_config: &str) -> String {
             }
             n if n.ends_with("_HOST") => "127.0.0.1".to_string(),
             n if n.ends_with("_HEALTH_STATUS") => "UNKNOWN".to_string(),
+            "GRPC_SECRET" => "validate-only-not-a-secret-grpc".to_string(),
+            "XFF_TRUSTED_HOPS" => "0".to_string(),
             other => panic!("envoy/envoy.yaml.tmpl has a placeholder {other} this validation does not know: add it here"),
         };
         vars.insert(name, value);
@@ -93,7 +95,7 @@ fn validate_mode_loads_the_filter_and_rejects_its_bad_configuration() {
     // The evidence that `--mode validate` runs the module: a plugin
     // configuration the filter refuses (secret too short) fails validation.
     let (_, bin) = installed_envoys().pop().unwrap();
-    let (ok, out) = validate(&bin, "bad-plugin-config", &rendered_template(r#"{"snapshot_secret":"short"}"#));
+    let (ok, out) = validate(&bin, "bad-plugin-config", &rendered_template(r#"{"snapshot_secret":"short","hosts":["a"]}"#));
     assert!(!ok, "a configuration the filter refuses passed validation:\n{out}");
     assert!(out.contains("mcp_gateway"), "{out}");
 }
@@ -143,6 +145,9 @@ const KNOWN_KINDS: &[(&str, &str)] = &[
     ("networking.istio.io/v1alpha3", "EnvoyFilter"),
     ("networking.istio.io/v1", "VirtualService"),
     ("networking.istio.io/v1beta1", "VirtualService"),
+    ("networking.istio.io/v1", "DestinationRule"),
+    ("security.istio.io/v1", "PeerAuthentication"),
+    ("security.istio.io/v1", "AuthorizationPolicy"),
     ("kustomize.config.k8s.io/v1beta1", "Kustomization"),
 ];
 
@@ -172,6 +177,40 @@ definitions:
       subset: { type: string }
       port: { type: object, properties: { number: { type: integer } } }
   Headers: { type: struct }
+  ClientTLS:
+    type: object
+    properties:
+      mode: { enum: [DISABLE, SIMPLE, MUTUAL, ISTIO_MUTUAL] }
+      clientCertificate: { type: string }
+      privateKey: { type: string }
+      caCertificates: { type: string }
+      credentialName: { type: string }
+      subjectAltNames: { type: array, items: { type: string } }
+      sni: { type: string }
+      insecureSkipVerify: { type: boolean }
+  ConnectionPool:
+    type: object
+    properties:
+      tcp:
+        type: object
+        properties:
+          maxConnections: { type: integer }
+          connectTimeout: { type: string }
+          tcpKeepalive: { type: struct }
+          maxConnectionDuration: { type: string }
+          idleTimeout: { type: string }
+      http: { type: struct }
+  OutlierDetection:
+    type: object
+    properties:
+      splitExternalLocalOriginErrors: { type: boolean }
+      consecutiveLocalOriginFailures: { type: integer }
+      consecutiveGatewayErrors: { type: integer }
+      consecutive5xxErrors: { type: integer }
+      interval: { type: string }
+      baseEjectionTime: { type: string }
+      maxEjectionPercent: { type: integer }
+      minHealthPercent: { type: integer }
 WasmPlugin:
   type: object
   required: [url]
@@ -273,6 +312,82 @@ EnvoyFilter:
               operation: { enum: [INVALID, MERGE, ADD, REMOVE, INSERT_BEFORE, INSERT_AFTER, INSERT_FIRST, REPLACE, MERGE_AND_REPLACE_LIST] }
               value: { type: struct }
               filterClass: { enum: [UNSPECIFIED, AUTHN, AUTHZ, STATS] }
+PeerAuthentication:
+  type: object
+  properties:
+    selector: { ref: WorkloadSelector }
+    mtls: { type: object, properties: { mode: { enum: [UNSET, DISABLE, PERMISSIVE, STRICT] } } }
+    portLevelMtls: { type: map, values: { type: object, properties: { mode: { enum: [UNSET, DISABLE, PERMISSIVE, STRICT] } } } }
+DestinationRule:
+  type: object
+  required: [host]
+  properties:
+    host: { type: string }
+    exportTo: { type: array, items: { type: string } }
+    workloadSelector: { ref: WorkloadSelector }
+    subsets: { type: array, items: { type: struct } }
+    trafficPolicy:
+      type: object
+      properties:
+        loadBalancer: { type: struct }
+        connectionPool: { ref: ConnectionPool }
+        outlierDetection: { ref: OutlierDetection }
+        tls: { ref: ClientTLS }
+        tunnel: { type: struct }
+        proxyProtocol: { type: struct }
+        portLevelSettings:
+          type: array
+          items:
+            type: object
+            properties:
+              port: { type: object, properties: { number: { type: integer } } }
+              loadBalancer: { type: struct }
+              connectionPool: { ref: ConnectionPool }
+              outlierDetection: { ref: OutlierDetection }
+              tls: { ref: ClientTLS }
+AuthorizationPolicy:
+  type: object
+  at_most_one_of: [selector, targetRef, targetRefs]
+  properties:
+    selector: { ref: WorkloadSelector }
+    targetRef: { ref: PolicyTargetReference }
+    targetRefs: { type: array, items: { ref: PolicyTargetReference } }
+    action: { enum: [ALLOW, DENY, AUDIT, CUSTOM] }
+    provider: { type: struct }
+    rules:
+      type: array
+      items:
+        type: object
+        properties:
+          from:
+            type: array
+            items:
+              type: object
+              properties:
+                source:
+                  type: object
+                  properties:
+                    principals: { type: array, items: { type: string } }
+                    notPrincipals: { type: array, items: { type: string } }
+                    requestPrincipals: { type: array, items: { type: string } }
+                    namespaces: { type: array, items: { type: string } }
+                    ipBlocks: { type: array, items: { type: string } }
+                    remoteIpBlocks: { type: array, items: { type: string } }
+          to:
+            type: array
+            items:
+              type: object
+              properties:
+                operation:
+                  type: object
+                  properties:
+                    hosts: { type: array, items: { type: string } }
+                    ports: { type: array, items: { type: string } }
+                    methods: { type: array, items: { type: string } }
+                    paths: { type: array, items: { type: string } }
+                    notPorts: { type: array, items: { type: string } }
+                    notPaths: { type: array, items: { type: string } }
+          when: { type: array, items: { type: struct } }
 VirtualService:
   type: object
   properties:
@@ -494,23 +609,33 @@ fn find<'a>(docs: &'a [(String, Value)], kind: &str, name: &str) -> &'a Value {
         .unwrap_or_else(|| panic!("no {kind} {name} in envoy/istio/"))
 }
 
-/// The EnvoyFilter's cluster definitions by name.
-fn envoy_filter_clusters(docs: &[(String, Value)]) -> BTreeMap<String, Value> {
+/// An Istio outbound cluster name, `outbound|<port>||<service FQDN>`:
+/// (host, port).
+fn istio_cluster(name: &str) -> (String, u64) {
+    let parts: Vec<&str> = name.split('|').collect();
+    match parts.as_slice() {
+        ["outbound", port, "", host] => (host.to_string(), port.parse().unwrap_or_else(|_| panic!("{name}: port"))),
+        _ => panic!("{name} is not an Istio outbound cluster (outbound|<port>||<service>)"),
+    }
+}
+
+/// The access log's gRPC cluster in the EnvoyFilter's HCM patch.
+fn audit_cluster(docs: &[(String, Value)]) -> String {
+    let hcm = hcm_patch(docs);
+    let common = &get(&hcm, "access_log")[0]["typed_config"]["common_config"];
+    s(common, "grpc_service.envoy_grpc.cluster_name").to_string()
+}
+
+/// The EnvoyFilter's patch of the HTTP connection manager.
+fn hcm_patch(docs: &[(String, Value)]) -> Value {
     let ef = find(docs, "EnvoyFilter", "mcp-gateway");
     get(ef, "spec.configPatches")
         .as_sequence()
         .unwrap()
         .iter()
-        .filter(|p| s(p, "applyTo") == "CLUSTER" && s(p, "patch.operation") == "ADD")
-        .map(|p| (s(p, "patch.value.name").to_string(), get(p, "patch.value").clone()))
-        .collect()
-}
-
-/// A cluster's single endpoint: (host, port).
-fn endpoint(cluster: &Value) -> (String, u64) {
-    let lb = &get(cluster, "load_assignment")["endpoints"][0]["lb_endpoints"][0];
-    let sa = get(lb, "endpoint.address.socket_address");
-    (s(sa, "address").to_string(), get(sa, "port_value").as_u64().unwrap_or(0))
+        .find(|p| s(p, "applyTo") == "NETWORK_FILTER" && s(p, "patch.operation") == "MERGE")
+        .map(|p| get(p, "patch.value.typed_config").clone())
+        .expect("the HCM patch")
 }
 
 /// `name.namespace.svc.cluster.local` → the Service's ports.
@@ -538,37 +663,83 @@ fn the_manifests_agree_with_each_other_and_with_the_filter() {
     let filled = serde_json::to_string(config).unwrap().replace("${MCP_SNAPSHOT_SECRET}", "validate-only-not-a-secret-0123456789");
     let parsed = mcp_filter_core::config::PluginConfig::parse(filled.as_bytes()).unwrap_or_else(|e| panic!("the filter refuses the WasmPlugin's pluginConfig: {e}"));
 
-    // The clusters the filter calls and the audit log's cluster exist, and
-    // point at the control plane's listeners.
-    let clusters = envoy_filter_clusters(&docs);
+    // The filter acts for the InfraBox host(s) the VirtualService serves.
+    let vs = find(&docs, "VirtualService", "infrabox");
+    let vs_hosts: Vec<&str> = get(vs, "spec.hosts").as_sequence().unwrap().iter().filter_map(Value::as_str).collect();
+    assert_eq!(parsed.hosts.names(), vs_hosts.iter().map(|h| h.to_string()).collect::<Vec<_>>().as_slice());
+    assert_eq!(parsed.grpc_secret, "validate-only-not-a-secret-0123456789", "the filter's gRPC secret is the rendered one");
+
+    // The clusters the filter calls and the audit log's cluster are Istio's
+    // outbound clusters of the control plane's internal Service (mutual
+    // TLS), on the ports of its listeners; the gRPC port speaks HTTP/2.
     let cp = find(&docs, "Deployment", "mcp-control-plane");
     let container = &get(cp, "spec.template.spec.containers")[0];
     let cm = find(&docs, "ConfigMap", "mcp-control-plane");
     let listen_port = |var: &str| s(cm, &format!("data.{var}")).rsplit(':').next().unwrap().parse::<u64>().unwrap();
-    for (cluster, var) in [(&parsed.snapshot_cluster, "MCP_INTERNAL_ADDR"), (&parsed.ratelimit_cluster, "MCP_GRPC_ADDR"), (&"mcp_audit".to_string(), "MCP_GRPC_ADDR")] {
-        let def = clusters.get(cluster).unwrap_or_else(|| panic!("the EnvoyFilter does not define cluster {cluster}"));
-        let (host, port) = endpoint(def);
+    let audit = audit_cluster(&docs);
+    let mut hosts = Vec::new();
+    for (cluster, var) in [(&parsed.snapshot_cluster, "MCP_INTERNAL_ADDR"), (&parsed.ratelimit_cluster, "MCP_GRPC_ADDR"), (&audit, "MCP_GRPC_ADDR")] {
+        let (host, port) = istio_cluster(cluster);
         assert_eq!(port, listen_port(var), "cluster {cluster} must reach {var}");
         assert!(service_ports(&docs, &host).contains(&port), "cluster {cluster}: {host} has no port {port}");
         let container_ports: Vec<u64> = get(container, "ports").as_sequence().unwrap().iter().filter_map(|p| get(p, "containerPort").as_u64()).collect();
         assert!(container_ports.contains(&port), "the control plane does not expose {port}");
+        hosts.push(host);
     }
-    for grpc in [&parsed.ratelimit_cluster, &"mcp_audit".to_string()] {
-        let h2 = get(&clusters[grpc.as_str()], "typed_extension_protocol_options");
-        assert!(serde_yaml::to_string(h2).unwrap().contains("http2_protocol_options"), "{grpc} must speak HTTP/2");
+    assert_eq!(parsed.snapshot_authority, hosts[0]);
+    let internal_svc = find(&docs, "Service", hosts[0].split('.').next().unwrap());
+    assert!(get(internal_svc, "spec.clusterIP").is_null(), "a headless Service gets an ORIGINAL_DST cluster, which the filter cannot call");
+    let grpc_port = get(internal_svc, "spec.ports").as_sequence().unwrap().iter().find(|p| get(p, "port").as_u64() == Some(listen_port("MCP_GRPC_ADDR"))).unwrap();
+    assert_eq!(s(grpc_port, "appProtocol"), "grpc", "Istio speaks HTTP/2 to the gRPC port only for appProtocol grpc");
+
+    // Mutual TLS (DESIGN §16): the control plane has a sidecar and accepts
+    // mTLS only; the gateway speaks ISTIO_MUTUAL to both of its Services;
+    // only the gateway's identity may call it.
+    assert_eq!(get(cp, "spec.template.metadata.annotations").get("sidecar.istio.io/inject").and_then(Value::as_str), Some("true"));
+    let ns = find(&docs, "Namespace", "mcp-gateway");
+    assert_eq!(get(ns, "metadata.labels").get("istio-injection").and_then(Value::as_str), Some("enabled"));
+    let pa = find(&docs, "PeerAuthentication", "mcp-control-plane");
+    assert_eq!(s(pa, "spec.mtls.mode"), "STRICT");
+    assert_eq!(s(pa, "metadata.namespace"), "mcp-gateway");
+    for host in [hosts[0].clone(), "mcp-control-plane.mcp-gateway.svc.cluster.local".to_string()] {
+        let dr = docs
+            .iter()
+            .map(|(_, d)| d)
+            .find(|d| s(d, "kind") == "DestinationRule" && s(d, "spec.host") == host)
+            .unwrap_or_else(|| panic!("no DestinationRule for {host}"));
+        assert_eq!(s(dr, "spec.trafficPolicy.tls.mode"), "ISTIO_MUTUAL", "{host}");
     }
-    let ef = serde_yaml::to_string(find(&docs, "EnvoyFilter", "mcp-gateway")).unwrap();
-    assert!(ef.contains("filter_state_objects_to_log") && ef.contains("wasm.mcp_audit") && ef.contains("cluster_name: mcp_audit"));
+    let authz = find(&docs, "AuthorizationPolicy", "mcp-control-plane");
+    assert_eq!(s(authz, "spec.action"), "ALLOW");
+    let principals = serde_yaml::to_string(get(authz, "spec.rules")).unwrap();
+    assert!(principals.contains("ns/istio-system/sa/istio-ingressgateway"), "{principals}");
+
+    // The HCM: the audit stream with the internal credential, underscores
+    // refused, Envoy's own view of the client, and its own request ids.
+    let hcm = hcm_patch(&docs);
+    let ef = serde_yaml::to_string(&hcm).unwrap();
+    assert!(ef.contains("filter_state_objects_to_log") && ef.contains("wasm.mcp_audit"));
+    let metadata = &get(&hcm, "access_log")[0]["typed_config"]["common_config"]["grpc_service"]["initial_metadata"][0];
+    assert_eq!((s(metadata, "key"), s(metadata, "value")), ("authorization", "Bearer ${MCP_SNAPSHOT_SECRET}"));
+    assert_eq!(s(&hcm, "common_http_protocol_options.headers_with_underscores_action"), "REJECT_REQUEST");
+    assert_eq!(get(&hcm, "use_remote_address").as_bool(), Some(true));
+    assert_eq!(get(&hcm, "xff_num_trusted_hops").as_u64(), Some(0));
+    assert_eq!(get(&hcm, "preserve_external_request_id").as_bool(), Some(false));
+    assert_eq!(get(&hcm, "generate_request_id").as_bool(), Some(true));
 
     // Routes: /internal answered by the gateway itself, the token API to
     // the control plane's API port, nothing else to the control plane.
-    let vs = find(&docs, "VirtualService", "infrabox");
     let routes = get(vs, "spec.http").as_sequence().unwrap();
     let internal = routes.iter().position(|r| get(r, "match").as_sequence().is_some_and(|m| m.iter().any(|m| s(m, "uri.prefix") == "/internal"))).expect("an /internal route");
     assert!(get(&routes[internal], "directResponse.status").as_u64() == Some(404) && get(&routes[internal], "route").is_null());
     assert_eq!(get(&routes[internal], "match")[0]["ignoreUriCase"].as_bool(), Some(true));
     let tokens = routes.iter().position(|r| s(r, "name") == "mcp-token-api").expect("the token API route");
     assert!(internal < tokens, "/internal must be matched first");
+    assert_eq!(
+        get(&routes[tokens], "headers.request.set").get("x-mcp-client-address").and_then(Value::as_str),
+        Some("%DOWNSTREAM_REMOTE_ADDRESS_WITHOUT_PORT%"),
+        "the token API reads the client address the gateway set"
+    );
     let uris: Vec<String> = get(&routes[tokens], "match").as_sequence().unwrap().iter().map(|m| serde_yaml::to_string(get(m, "uri")).unwrap()).collect();
     assert_eq!(uris, vec!["exact: /api/v1/mcp/tokens\n".to_string(), "prefix: /api/v1/mcp/tokens/\n".to_string()]);
     let dest = &get(&routes[tokens], "route")[0]["destination"];
@@ -594,11 +765,12 @@ fn the_manifests_agree_with_each_other_and_with_the_filter() {
     assert_eq!(get(cp, "spec.template.spec.securityContext.runAsNonRoot").as_bool(), Some(true));
     assert!(!docs.iter().any(|(_, d)| s(d, "kind") == "Secret"), "no Secret manifests: secrets are created by the operator");
 
-    // kustomization.yaml lists every manifest but the WasmPlugin (rendered
-    // with the secret at apply time).
+    // kustomization.yaml lists every manifest but the two rendered with the
+    // internal secret at apply time (the EnvoyFilter and the WasmPlugin).
     let k = docs.iter().map(|(_, d)| d).find(|d| s(d, "kind") == "Kustomization").unwrap();
     let listed: Vec<&str> = get(k, "resources").as_sequence().unwrap().iter().filter_map(Value::as_str).collect();
-    let mut files: Vec<String> = docs.iter().map(|(f, _)| f.clone()).filter(|f| f != "kustomization.yaml" && f != "wasm-plugin.yaml").collect();
+    let rendered = ["kustomization.yaml", "wasm-plugin.yaml", "envoy-filter.yaml"];
+    let mut files: Vec<String> = docs.iter().map(|(f, _)| f.clone()).filter(|f| !rendered.contains(&f.as_str())).collect();
     files.dedup();
     assert_eq!(listed, files.iter().map(String::as_str).collect::<Vec<_>>());
 }
@@ -641,18 +813,41 @@ fn merge(base: &mut Value, patch: &Value) {
 #[test]
 fn the_istio_envoy_fragments_validate_with_the_filter_on_every_installed_envoy() {
     let docs = manifests();
-    let clusters: Vec<Value> = envoy_filter_clusters(&docs).into_values().collect();
-    let ef = find(&docs, "EnvoyFilter", "mcp-gateway");
-    let hcm_patch = get(ef, "spec.configPatches")
-        .as_sequence()
-        .unwrap()
-        .iter()
-        .find(|p| s(p, "applyTo") == "NETWORK_FILTER" && s(p, "patch.operation") == "MERGE")
-        .map(|p| get(p, "patch.value.typed_config").clone())
-        .expect("the HCM patch");
+    let hcm_patch: Value =
+        serde_yaml::from_str(&serde_yaml::to_string(&hcm_patch(&docs)).unwrap().replace("${MCP_SNAPSHOT_SECRET}", "validate-only-not-a-secret-0123456789"))
+            .unwrap();
     let plugin = find(&docs, "WasmPlugin", "mcp-gateway");
     let plugin_config =
         serde_json::to_string(get(plugin, "spec.pluginConfig")).unwrap().replace("${MCP_SNAPSHOT_SECRET}", "validate-only-not-a-secret-0123456789");
+    let parsed = mcp_filter_core::config::PluginConfig::parse(plugin_config.as_bytes()).unwrap();
+    // The outbound clusters Istio gives the gateway for the control plane
+    // (its mTLS transport socket comes from Istio's agent, absent here).
+    let mut names = vec![parsed.snapshot_cluster.clone(), parsed.ratelimit_cluster.clone(), audit_cluster(&docs)];
+    names.dedup();
+    let clusters: Vec<Value> = names
+        .iter()
+        .map(|name| {
+            let (_, port) = istio_cluster(name);
+            let mut cluster = serde_json::json!({
+                "name": name,
+                "type": "STATIC",
+                "connect_timeout": "0.25s",
+                "load_assignment": {
+                    "cluster_name": name,
+                    "endpoints": [{"lb_endpoints": [{"endpoint": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": port}}}}]}],
+                },
+            });
+            if port == 9002 {
+                cluster["typed_extension_protocol_options"] = serde_json::json!({
+                    "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                        "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+                        "explicit_http_config": {"http2_protocol_options": {}},
+                    }
+                });
+            }
+            serde_yaml::to_value(cluster).unwrap()
+        })
+        .collect();
     // The gateway's listener as Istio would shape it around the patches:
     // the filter (what the WasmPlugin becomes) before the router.
     let mut hcm: Value = serde_yaml::from_str(&format!(

@@ -87,7 +87,7 @@ async fn fake_infrabox_enforces_collaborators_and_scope_push() {
     let (read_token, write_token) = (tokens[0].clone(), tokens[1].clone());
 
     // Reads with the read token; builds from the in-memory model.
-    let (build, jobs) = fake.add_build(alpha);
+    let (build, jobs) = fake.add_build(alpha).await.unwrap();
     let resp = RawRequest::get(&format!("/api/v1/projects/{alpha}/builds/"))
         .header("Authorization", &format!("Bearer {read_token}"))
         .send(addr, T)
@@ -114,8 +114,18 @@ async fn fake_infrabox_enforces_collaborators_and_scope_push() {
     assert_eq!(resp.status, 200);
     assert!(resp.text().starts_with("<testsuite"));
 
+    // Like InfraBox (`WHERE project_id AND id`): an unknown build is an
+    // empty list, not a 404.
     let missing = uuid::Uuid::new_v4();
     let resp = RawRequest::get(&format!("/api/v1/projects/{alpha}/builds/{missing}"))
+        .header("Authorization", &format!("Bearer {read_token}"))
+        .send(addr, T)
+        .await
+        .unwrap();
+    assert_eq!(resp.status, 200);
+    assert_eq!(resp.json().unwrap(), json!([]));
+    // A missing archive file is InfraBox's 404.
+    let resp = RawRequest::get(&format!("/api/v1/projects/{alpha}/jobs/{}/archive/download?filename=nope", jobs[1]))
         .header("Authorization", &format!("Bearer {read_token}"))
         .send(addr, T)
         .await
@@ -143,8 +153,16 @@ async fn fake_infrabox_enforces_collaborators_and_scope_push() {
     assert_eq!(body["message"], "Build triggered");
     assert_eq!(body["data"]["build"]["build_number"], 2);
     assert_eq!(body["data"]["build"]["restartCounter"], 1);
+    // Rerun with a global token: InfraBox master answers 500 (§8); with
+    // the user's session it works.
     let resp = RawRequest::get(&format!("/api/v1/projects/{alpha}/jobs/{}/rerun", jobs[1]))
         .header("Authorization", &format!("Bearer {write_token}"))
+        .send(addr, T)
+        .await
+        .unwrap();
+    assert_eq!(resp.status, 500);
+    let resp = RawRequest::get(&format!("/api/v1/projects/{alpha}/jobs/{}/rerun", jobs[1]))
+        .header("Authorization", &format!("Bearer {alice_session}"))
         .send(addr, T)
         .await
         .unwrap();
@@ -183,7 +201,7 @@ async fn fake_infrabox_enforces_collaborators_and_scope_push() {
     // Every request was recorded, in order, with headers and bodies; the
     // inspection endpoint is not.
     let recorded = fake.requests();
-    assert_eq!(recorded.len(), 16, "{:#?}", recorded.iter().map(|r| &r.path).collect::<Vec<_>>());
+    assert_eq!(recorded.len(), 18, "{:#?}", recorded.iter().map(|r| &r.path).collect::<Vec<_>>());
     assert_eq!(recorded[0].path, "/api/v1/projects/");
     assert!(recorded[0].header("cookie").unwrap().starts_with("token="));
     assert_eq!(recorded.last().unwrap().header("authorization"), Some("bearer ib_mcp_x"));
@@ -191,10 +209,16 @@ async fn fake_infrabox_enforces_collaborators_and_scope_push() {
     let triggers = fake.requests_matching(&format!("/api/v1/projects/{alpha}/trigger"));
     assert_eq!(triggers.len(), 2);
     assert_eq!(serde_json::from_slice::<serde_json::Value>(&triggers[0].body).unwrap()["branch_or_sha"], "main");
-    let via_http = RawRequest::get("/__fake/requests").send(addr, T).await.unwrap();
+    // The recorder is on a listener of its own; the API port has no such path.
+    let recorder = fake.recorder_addr();
+    assert_ne!(recorder, addr);
+    let via_http = RawRequest::get("/__fake/requests").send(recorder, T).await.unwrap();
     let parsed: Vec<mcp_gateway_tests::fake_infrabox::RecordedRequest> = serde_json::from_slice(&via_http.body).unwrap();
     assert_eq!(parsed, recorded);
-    assert_eq!(RawRequest::new("DELETE", "/__fake/requests").send(addr, T).await.unwrap().status, 204);
+    let on_api = RawRequest::get("/__fake/requests").send(addr, T).await.unwrap();
+    assert!(!on_api.text().contains("received_at_ms"), "the recorder answered on the API port: {}", on_api.text());
+    fake.clear();
+    assert_eq!(RawRequest::new("DELETE", "/__fake/requests").send(recorder, T).await.unwrap().status, 204);
     assert!(fake.requests().is_empty());
 
     // Revoking a global token through the API.

@@ -179,7 +179,7 @@ async fn stack_with(window_seconds: u32, extra_env: Vec<(String, String)>, rls_t
 /// A user with one project with one build; returns (user, project, job).
 async fn user_with_job(s: &Stack, name: &str) -> (Uuid, Uuid, Uuid) {
     let (user, projects) = s.user_with_projects(name, 1).await.unwrap();
-    let (_, jobs) = s.infrabox.add_build(projects[0]);
+    let (_, jobs) = s.infrabox.add_build(projects[0]).await.unwrap();
     (user, projects[0], jobs[0])
 }
 
@@ -232,7 +232,8 @@ async fn control_plane_metrics(s: &Stack) -> String {
 }
 
 /// `ShouldRateLimit` straight to the control plane's gRPC listener.
-async fn should_rate_limit(addr: SocketAddr, user: &str, class: &str, limit: u32) -> Result<RateLimitResponse, tonic::Status> {
+/// One `ShouldRateLimit` call with the internal credential `secret`.
+async fn should_rate_limit(addr: SocketAddr, secret: &str, user: &str, class: &str, limit: u32) -> Result<RateLimitResponse, tonic::Status> {
     let mut client = RateLimitServiceClient::connect(format!("http://{addr}"))
         .await
         .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
@@ -248,6 +249,8 @@ async fn should_rate_limit(addr: SocketAddr, user: &str, class: &str, limit: u32
         }],
         hits_addend: 1,
     };
+    let mut request = tonic::Request::new(request);
+    request.metadata_mut().insert("authorization", format!("Bearer {secret}").parse().map_err(|_| tonic::Status::internal("metadata"))?);
     client.should_rate_limit(request).await.map(|r| r.into_inner())
 }
 
@@ -460,23 +463,31 @@ async fn control_plane_starts_without_redis_and_answers_unavailable_until_it_is_
     let s = stack_with(60, vec![("REDIS_URL".into(), redis.url())], 1_000).await;
     let user = Uuid::new_v4().to_string();
     let grpc = s.control_plane.grpc_addr();
-    let e = should_rate_limit(grpc, &user, "log", 10).await.unwrap_err();
+    // Without the internal credential nothing is decided at all.
+    let e = should_rate_limit(grpc, "not-the-secret-0123456789", &user, "log", 10).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::Unauthenticated, "{e:?}");
+    let e = should_rate_limit(grpc, &s.grpc_secret, &user, "log", 10).await.unwrap_err();
     assert_eq!(e.code(), tonic::Code::Unavailable, "{e:?}");
     assert!(!e.message().contains(&redis.url()), "{e:?}");
     // Malformed requests are refused as such.
-    let e = should_rate_limit(grpc, "a}b", "log", 10).await.unwrap_err();
+    let e = should_rate_limit(grpc, &s.grpc_secret, "a}b", "log", 10).await.unwrap_err();
     assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e:?}");
 
-    // Through Envoy, MCP requests are decided locally meanwhile.
+    // Through Envoy, MCP requests are decided locally meanwhile — and the
+    // job's ownership is still checked by the service (from the database).
     let (u, project, job) = user_with_job(&s, "late").await;
     let token = live_token(&s, u, project).await;
     assert_eq!(s.mcp_get(&token, &log_path(project, job)).await.unwrap().status, 200);
     assert!(stat(&s.envoy, "mcp_ratelimit_degraded") >= 2);
+    let (_, other_project, foreign_job) = user_with_job(&s, "late-other").await;
+    assert_ne!(other_project, project);
+    let r = s.mcp_get(&token, &log_path(project, foreign_job)).await.unwrap();
+    assert_eq!((r.status, r.json().unwrap()["error"].as_str().map(str::to_string)), (404, Some("unknown_endpoint".into())));
 
     redis.restart().unwrap();
     let started = Instant::now();
     let answer = loop {
-        match should_rate_limit(grpc, &user, "log", 10).await {
+        match should_rate_limit(grpc, &s.grpc_secret, &user, "log", 10).await {
             Ok(a) => break a,
             Err(e) => {
                 assert_eq!(e.code(), tonic::Code::Unavailable, "{e:?}");
@@ -540,9 +551,19 @@ async fn unreachable_rate_limit_service_is_decided_within_twice_the_deadline() {
             took[0], took[6], took[11]
         );
         assert!(took[11] < Duration::from_millis(2 * DEADLINE_MS), "{name}: slowest {:?}", took[11]);
-        assert_eq!(statuses.iter().filter(|s| **s == 200).count(), 10, "{name}: {statuses:?}");
+        // The local window admits exactly the limit; with no service that
+        // ever answered, whether the job belongs to the project cannot be
+        // checked, so the admitted ones are refused safely (503, never
+        // forwarded) and the rest are 429.
+        assert_eq!(statuses.iter().filter(|s| **s == 503).count(), 10, "{name}: {statuses:?}");
         assert_eq!(statuses.iter().filter(|s| **s == 429).count(), 2, "{name}: {statuses:?}");
         assert!(stat(&s.envoy, "mcp_ratelimit_degraded") >= 12, "{name}");
+        let r = s.mcp_get(&token, &path).await.unwrap();
+        assert!(matches!(r.json().unwrap()["error"].as_str(), Some("rate_limited")), "{}", r.text());
+        assert!(s.infrabox.requests_matching(&format!("/api/v1/projects/{project}/jobs/")).is_empty(), "{name}: forwarded unchecked");
+        // A route without builds or jobs is forwarded on the local decision.
+        let r = s.mcp_get(&token, &format!("/api/v1/mcp/projects/{project}/builds")).await.unwrap();
+        assert_eq!(r.status, 200, "{name}: {}", r.text());
     }
     hole_task.abort();
 }

@@ -73,7 +73,7 @@ async fn every_route_reaches_infrabox_as_mapped_with_the_right_credential() {
     let s = stack_with(vec![]).await;
     let (user, projects) = s.user_with_projects("route", 1).await.unwrap();
     let p = projects[0];
-    let (b, jobs) = s.infrabox.add_build(p);
+    let (b, jobs) = s.infrabox.add_build(p).await.unwrap();
     let j = jobs[1];
     let (token_id, token) = s.create_token(user, json!({}), 30).await.unwrap();
     grant_trigger(&s, user, &token_id).await;
@@ -132,7 +132,11 @@ async fn every_route_reaches_infrabox_as_mapped_with_the_right_credential() {
             req = req.json(&json!({"branch_or_sha": "main"}));
         }
         let r = s.send(req).await.unwrap();
-        assert_eq!(r.status, 200, "{method} {path}: {}", r.text());
+        // InfraBox master answers 500 to every global token on build
+        // restart and job restart/rerun (INFRABOX_API.md §8); the request
+        // still reaches it as mapped, with the write credential.
+        let upstream_fails = ["/restart", "/rerun"].iter().any(|a| path.ends_with(a));
+        assert_eq!(r.status, if upstream_fails { 500 } else { 200 }, "{method} {path}: {}", r.text());
         let seen = s.infrabox.requests();
         assert_eq!(seen.len(), 1, "{method} {path}: {seen:?}");
         assert_eq!(seen[0].method, *up_method, "{path}");
@@ -393,7 +397,7 @@ async fn path_attacks_are_rejected_or_stay_within_scope() {
     let s = stack_with(vec![]).await;
     let (user, projects) = s.user_with_projects("attacker", 2).await.unwrap();
     let (a, b) = (projects[0], projects[1]);
-    let (build, jobs) = s.infrabox.add_build(a);
+    let (build, jobs) = s.infrabox.add_build(a).await.unwrap();
     let j = jobs[1];
     // A token for A only; B is the target.
     let (_, token) = s.create_token(user, json!({a.to_string(): null}), 30).await.unwrap();
@@ -485,7 +489,7 @@ async fn a_large_console_comes_back_as_its_tail() {
     let s = stack_with(vec![]).await;
     let (user, projects) = s.user_with_projects("logs", 1).await.unwrap();
     let p = projects[0];
-    let (_, jobs) = s.infrabox.add_build(p);
+    let (_, jobs) = s.infrabox.add_build(p).await.unwrap();
     let (big, small) = (jobs[1], jobs[0]);
     let mut console = Vec::with_capacity(20 << 20);
     let mut line = 0u64;

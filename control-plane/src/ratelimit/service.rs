@@ -67,6 +67,7 @@ impl<S: WindowStore, O: OwnershipLookup> RateLimitGrpc<S, O> {
         }
     }
 
+    /// One descriptor's status; `Err` when its store failed.
     async fn decide(&self, ask: &Ask) -> Result<DescriptorStatus, Status> {
         match ask {
             Ask::Limit(query) => {
@@ -249,21 +250,30 @@ impl<S: WindowStore, O: OwnershipLookup> RateLimitService for RateLimitGrpc<S, O
             self.metrics.invalid();
             Status::invalid_argument(why)
         })?;
-        let statuses = match asks.as_slice() {
+        let results = match asks.as_slice() {
             // The usual call: one limit, or a limit and one ownership claim.
-            [one] => vec![self.decide(one).await?],
+            [one] => vec![self.decide(one).await],
             [a, b] => {
                 let (a, b) = tokio::join!(self.decide(a), self.decide(b));
-                vec![a?, b?]
+                vec![a, b]
             }
             many => {
                 let mut out = Vec::with_capacity(many.len());
                 for ask in many {
-                    out.push(self.decide(ask).await?);
+                    out.push(self.decide(ask).await);
                 }
                 out
             }
         };
+        // A failed decision is UNKNOWN; only when nothing could be decided
+        // is the whole call UNAVAILABLE (the filter then decides locally).
+        if let Some(Err(e)) = results.iter().find(|r| r.is_err()).filter(|_| results.iter().all(Result::is_err)) {
+            return Err(e.clone());
+        }
+        let statuses = results
+            .into_iter()
+            .map(|r| r.unwrap_or_else(|_| DescriptorStatus { code: Code::Unknown as i32, ..Default::default() }))
+            .collect();
         Ok(Response::new(respond(statuses)))
     }
 }
@@ -383,20 +393,25 @@ mod tests {
         let resp = respond(vec![limit_status(&q, &d)]);
         assert_eq!(resp.overall_code, Code::OverLimit as i32);
         let a = rls::decode_response(&resp.encode_to_vec())?;
-        assert_eq!(a.limit, rls::Verdict { over_limit: true, remaining: 0, reset_ms: 2501 });
+        assert_eq!(a.limit, Some(rls::Verdict { over_limit: true, remaining: 0, reset_ms: 2501 }));
         let d = Decision { allowed: true, remaining: 7, reset: Duration::from_millis(60_000), at_us: 0 };
         let a = rls::decode_response(&respond(vec![limit_status(&q, &d)]).encode_to_vec())?;
-        assert_eq!(a.limit, rls::Verdict { over_limit: false, remaining: 7, reset_ms: 60_000 });
+        assert_eq!(a.limit, Some(rls::Verdict { over_limit: false, remaining: 7, reset_ms: 60_000 }));
         // A refuted ownership makes the call OVER_LIMIT overall, not the limit.
         let not_owned = DescriptorStatus { code: Code::OverLimit as i32, ..Default::default() };
         let resp = respond(vec![limit_status(&q, &d), not_owned]);
         assert_eq!(resp.overall_code, Code::OverLimit as i32);
         let a = rls::decode_response(&resp.encode_to_vec())?;
-        assert_eq!((a.limit.over_limit, a.ownership), (false, Ownership::Refuted));
+        assert_eq!((a.limit.map(|l| l.over_limit), a.ownership), (Some(false), Ownership::Refuted));
         let unknown = DescriptorStatus { code: Code::Unknown as i32, ..Default::default() };
-        let resp = respond(vec![limit_status(&q, &d), unknown]);
+        let resp = respond(vec![limit_status(&q, &d), unknown.clone()]);
         assert_eq!(resp.overall_code, Code::Ok as i32);
         assert_eq!(rls::decode_response(&resp.encode_to_vec())?.ownership, Ownership::Unknown);
+        // The store failed, the ownership was answered: the filter decides
+        // the limit locally and keeps the verdict.
+        let owned = DescriptorStatus { code: Code::Ok as i32, ..Default::default() };
+        let a = rls::decode_response(&respond(vec![unknown, owned]).encode_to_vec())?;
+        assert_eq!((a.limit, a.ownership), (None, Ownership::Confirmed));
         Ok(())
     }
 }

@@ -376,5 +376,7 @@ fn percent_decode(s: &[u8]) -> Vec<u8> {
     out
 }
 
+#[cfg(any(test, feature = "reference-models"))]
+pub mod reference;
 #[cfg(test)]
 mod tests;

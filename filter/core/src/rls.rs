@@ -107,18 +107,18 @@ pub struct Verdict {
     pub reset_ms: u64,
 }
 
-/// The whole answer: the limit (first descriptor status) and, when an
-/// ownership descriptor was sent, its status: `OK` the ids belong to the
-/// project, `OVER_LIMIT` they do not (or do not exist), `UNKNOWN` (or no
-/// status) the service could not tell.
+/// The whole answer: the limit (first descriptor status; `None` when the
+/// service could not decide it, `UNKNOWN`: its store failed, while it still
+/// answered the ownership) and, when an ownership descriptor was sent, its
+/// status: `OK` the ids belong to the project, `OVER_LIMIT` they do not (or
+/// do not exist), `UNKNOWN` (or no status) the service could not tell.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Answer {
-    pub limit: Verdict,
+    pub limit: Option<Verdict>,
     pub ownership: Ownership,
 }
 
-/// Decodes a `RateLimitResponse`. A first status without an OK/OVER_LIMIT
-/// code is an error (the limit is unknown).
+/// Decodes a `RateLimitResponse`. A response without statuses is an error.
 pub fn decode_response(buf: &[u8]) -> Result<Answer, &'static str> {
     let mut statuses = Vec::with_capacity(2);
     let mut r = Reader { buf, pos: 0 };
@@ -134,9 +134,10 @@ pub fn decode_response(buf: &[u8]) -> Result<Answer, &'static str> {
         }
     }
     let limit = match statuses.first() {
-        Some(&(1, remaining, reset_ms)) => Verdict { over_limit: false, remaining: remaining.min(u64::from(u32::MAX)) as u32, reset_ms },
-        Some(&(2, _, reset_ms)) => Verdict { over_limit: true, remaining: 0, reset_ms },
-        _ => return Err("rate-limit response has no OK/OVER_LIMIT status"),
+        Some(&(1, remaining, reset_ms)) => Some(Verdict { over_limit: false, remaining: remaining.min(u64::from(u32::MAX)) as u32, reset_ms }),
+        Some(&(2, _, reset_ms)) => Some(Verdict { over_limit: true, remaining: 0, reset_ms }),
+        Some(_) => None,
+        None => return Err("rate-limit response has no status"),
     };
     let ownership = match statuses.get(1) {
         Some((1, _, _)) => Ownership::Confirmed,
@@ -276,7 +277,7 @@ mod tests {
 
     #[test]
     fn decodes_ok_and_over_limit() -> TestResult {
-        let ok = |v| Answer { limit: v, ownership: Ownership::Unknown };
+        let ok = |v| Answer { limit: Some(v), ownership: Ownership::Unknown };
         assert_eq!(
             decode_response(&response(1, &[status(1, 7, 2, 500_000_000)]))?,
             ok(Verdict { over_limit: false, remaining: 7, reset_ms: 2500 })
@@ -285,7 +286,8 @@ mod tests {
             decode_response(&response(2, &[status(2, 0, 0, 1_000_000)]))?,
             ok(Verdict { over_limit: true, remaining: 0, reset_ms: 1 })
         );
-        assert!(decode_response(&response(0, &[status(0, 0, 0, 0)])).is_err());
+        // An undecided limit is no decision (the filter decides locally).
+        assert_eq!(decode_response(&response(0, &[status(0, 0, 0, 0)]))?.limit, None);
         assert!(decode_response(&response(1, &[])).is_err());
         assert!(decode_response(&[]).is_err());
         assert!(decode_response(&[0x12, 0x05, 0x01]).is_err());
@@ -297,14 +299,17 @@ mod tests {
     fn the_second_status_is_the_ownership_verdict() -> TestResult {
         // Not owned: the overall code is OVER_LIMIT, the limit itself is not.
         let a = decode_response(&response(2, &[status(1, 4, 1, 0), status(2, 0, 0, 0)]))?;
-        assert_eq!(a.limit, Verdict { over_limit: false, remaining: 4, reset_ms: 1000 });
+        assert_eq!(a.limit, Some(Verdict { over_limit: false, remaining: 4, reset_ms: 1000 }));
         assert_eq!(a.ownership, Ownership::Refuted);
         let a = decode_response(&response(1, &[status(1, 4, 1, 0), status(1, 0, 0, 0)]))?;
         assert_eq!(a.ownership, Ownership::Confirmed);
         let a = decode_response(&response(1, &[status(1, 4, 1, 0), status(0, 0, 0, 0)]))?;
         assert_eq!(a.ownership, Ownership::Unknown);
         let a = decode_response(&response(2, &[status(2, 0, 3, 0), status(1, 0, 0, 0)]))?;
-        assert!(a.limit.over_limit);
+        assert!(a.limit.is_some_and(|l| l.over_limit));
+        // The store failed but the ownership was answered.
+        let a = decode_response(&response(1, &[status(0, 0, 0, 0), status(1, 0, 0, 0)]))?;
+        assert_eq!((a.limit, a.ownership), (None, Ownership::Confirmed));
         Ok(())
     }
 

@@ -72,8 +72,9 @@ pub fn ask_service(config: &PluginConfig, key: &LimitKey, claim: Option<&Claim>)
     )
 }
 
-/// Reads the service's answer to a finished callout.
-pub fn read_answer(status_code: u32, response_size: usize) -> Result<(Decision, Ownership), String> {
+/// Reads the service's answer to a finished callout: the limit decision
+/// (`None`: the service could not decide it) and the ownership verdict.
+pub fn read_answer(status_code: u32, response_size: usize) -> Result<(Option<Decision>, Ownership), String> {
     if status_code != 0 {
         return Err(format!("rate-limit service answered gRPC status {status_code}"));
     }
@@ -82,7 +83,7 @@ pub fn read_answer(status_code: u32, response_size: usize) -> Result<(Decision, 
         .flatten()
         .unwrap_or_default();
     rls::decode_response(&body)
-        .map(|a| (Decision::from(a.limit), a.ownership))
+        .map(|a| (a.limit.map(Decision::from), a.ownership))
         .map_err(|e| format!("unreadable rate-limit answer: {e}"))
 }
 

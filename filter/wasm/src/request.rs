@@ -245,9 +245,13 @@ impl Context for McpRequest {
     fn on_grpc_call_response(&mut self, token_id: u32, status_code: u32, response_size: usize) {
         // None: the watchdog decided this request already.
         let Some(held) = self.shared.callouts.borrow_mut().take(self.context_id, token_id) else { return };
-        let (decision, ownership) = limiter::read_answer(status_code, response_size).unwrap_or_else(|why| {
-            limiter::degrade(&self.shared.metrics(), &held.key, host::now_unix_ms(), &why)
-        });
+        let now = host::now_unix_ms();
+        let (decision, ownership) = match limiter::read_answer(status_code, response_size) {
+            Ok((Some(decision), ownership)) => (decision, ownership),
+            // The service's store failed; it still answered the ownership.
+            Ok((None, ownership)) => (limiter::degrade(&self.shared.metrics(), &held.key, now, "the limit store failed").0, ownership),
+            Err(why) => limiter::degrade(&self.shared.metrics(), &held.key, now, &why),
+        };
         finish(&self.shared, held, decision, ownership, true);
     }
 }

@@ -61,7 +61,7 @@ async fn main() -> Result<()> {
     eprintln!(" Builds and jobs are in-memory; users, projects, collaborators and");
     eprintln!(" global tokens are read from the database.");
     eprintln!(" auth enforcement: {}", if enforce_auth { "on" } else { "OFF (everything allowed)" });
-    eprintln!(" inspect: GET/DELETE http://{}/__fake/requests", fake.addr());
+    eprintln!(" inspect: GET/DELETE http://{}/__fake/requests (a listener of its own, never the API's)", fake.recorder_addr());
     eprintln!("==================================================================");
     println!("fake-infrabox listening on {}", fake.addr());
 

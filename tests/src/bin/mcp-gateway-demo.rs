@@ -40,6 +40,14 @@ async fn main() -> Result<()> {
 
     let key = SigningKey::generate(&run.join("keys"))?;
     let snapshot_secret = format!("demo-{}", uuid::Uuid::new_v4().simple());
+    let grpc_secret = format!("demo-grpc-{}", uuid::Uuid::new_v4().simple());
+    // The InfraBox host names the gateway answers MCP for (DESIGN §3).
+    let hosts: Vec<String> = std::env::var("MCP_GATEWAY_HOSTS")
+        .unwrap_or_else(|_| "127.0.0.1,localhost".into())
+        .split(',')
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty())
+        .collect();
 
     let (infrabox_host, infrabox_port, fake) = match std::env::var("INFRABOX_URL") {
         Ok(url) if !url.is_empty() => {
@@ -55,8 +63,12 @@ async fn main() -> Result<()> {
                 enforce_auth: true,
             })
             .await?;
-            fake.add_build(project);
-            eprintln!("[run] upstream: FAKE InfraBox (demo only) on {}", fake.addr());
+            fake.add_build(project).await?;
+            eprintln!(
+                "[run] upstream: FAKE InfraBox (demo only) on {}; its request recorder on {} (not reachable through the gateway)",
+                fake.addr(),
+                fake.recorder_addr()
+            );
             ("127.0.0.1".to_string(), fake.addr().port(), Some(fake))
         }
     };
@@ -69,6 +81,7 @@ async fn main() -> Result<()> {
             ("REDIS_URL".into(), redis.url()),
             ("INFRABOX_URL".into(), format!("http://{infrabox_host}:{infrabox_port}")),
             ("MCP_CREDENTIAL_KEY".into(), mcp_gateway_tests::stack::random_key_hex()),
+            ("MCP_GRPC_SECRET".into(), grpc_secret.clone()),
         ],
     })?;
     let port: u16 = std::env::var("MCP_GATEWAY_PORT").ok().and_then(|p| p.parse().ok()).unwrap_or(8080);
@@ -80,7 +93,9 @@ async fn main() -> Result<()> {
         cp_internal_port: control_plane.internal_port(),
         cp_grpc_port: control_plane.grpc_port(),
         rls_target: Default::default(),
-        plugin_config: json!({"snapshot_secret": snapshot_secret}),
+        plugin_config: json!({"snapshot_secret": snapshot_secret, "grpc_secret": grpc_secret, "hosts": hosts}),
+        grpc_secret: grpc_secret.clone(),
+        xff_trusted_hops: 0,
         listen_port: Some(port),
         concurrency: 2,
     })?;
