@@ -31,7 +31,19 @@ impl Hosts {
     }
 
     /// Whether `authority` (a request's `:authority`) is one of the hosts.
+    /// Allocates nothing when it is (the hot path).
     pub fn matches(&self, authority: &str) -> bool {
+        let candidate = authority.strip_suffix('.').unwrap_or(authority);
+        // The common case, a configured name as sent (any case, with or
+        // without a port): no parsing beyond the split.
+        let bare = match candidate.rsplit_once(':') {
+            Some((h, port)) if !h.contains(':') && port_ok(port) => h.strip_suffix('.').unwrap_or(h),
+            _ => candidate,
+        };
+        // A configured name was validated when the configuration loaded.
+        if !bare.starts_with('[') && self.0.iter().any(|h| h.eq_ignore_ascii_case(bare)) {
+            return true;
+        }
         host_of(authority).is_some_and(|h| self.0.contains(&h))
     }
 

@@ -20,8 +20,8 @@
 //!   alignments a decoder can start in, over the comma-joined values (the
 //!   WSGI server joins repeated headers with `,`), in the standard and the
 //!   URL-safe alphabet. InfraBox decodes `Basic base64(infrabox:<token>)`;
-//!   every `Authorization` and `Proxy-Authorization` value is decoded here,
-//!   whatever its scheme;
+//!   `Authorization` and `Proxy-Authorization` values are decoded here
+//!   whenever any of them names `Basic` in any case, anywhere;
 //! - **cookie unquoting** as Werkzeug 1.0 does it (`\ooo` octal escapes and
 //!   `\x` escapes inside a quoted name or value), applied to the whole
 //!   header, which yields every quoted part unquoted;
@@ -130,15 +130,25 @@ pub fn misplaced_secret(head: &RequestHead<'_>) -> Option<Place> {
     other.then_some(Place::Header)
 }
 
-/// Whether `Authorization`-like values carry a secret: literally, or in
-/// base64 at any alignment (of the values joined as the WSGI server joins
-/// them).
+/// Whether `Authorization`-like values carry a secret: literally, or, when
+/// any value names the `Basic` scheme (in any case, anywhere: the only one
+/// InfraBox base64-decodes, and what the ingress routes into the filter),
+/// in base64 at any alignment of the values joined as the WSGI server
+/// joins them.
 pub fn authorization_reveals<'a>(values: impl Iterator<Item = &'a str> + Clone) -> bool {
     if values.clone().any(|v| contains_marker(v.as_bytes())) {
         return true;
     }
+    if !values.clone().any(names_basic) {
+        return false;
+    }
     let joined = || joined_bytes(values.clone(), b',');
     base64_reveals(joined, STANDARD) || base64_reveals(joined, URL_SAFE)
+}
+
+/// Whether a value contains `basic` in any case.
+fn names_basic(value: &str) -> bool {
+    value.as_bytes().windows(5).any(|w| w.eq_ignore_ascii_case(b"basic"))
 }
 
 /// Whether `Cookie` values carry a secret: literally, or once Werkzeug's
@@ -179,10 +189,18 @@ pub fn url_reveals(url: &[u8]) -> bool {
     false
 }
 
-/// Case-insensitive search for `ib_mcp_`.
+/// Case-insensitive search for `ib_mcp_`: from each `i`/`I` on (the
+/// marker's first byte, and the only bytes `b | 0x20` maps to `i`).
 pub fn contains_marker(bytes: &[u8]) -> bool {
-    let mut m = Matcher::default();
-    bytes.iter().any(|b| m.feed(*b))
+    let mut rest = bytes;
+    while rest.len() >= MARKER.len() {
+        let Some(at) = rest.iter().position(|b| (b | 0x20) == b'i') else { return false };
+        if rest.get(at..at + MARKER.len()).is_some_and(|w| w.eq_ignore_ascii_case(MARKER)) {
+            return true;
+        }
+        rest = rest.get(at + 1..).unwrap_or_default();
+    }
+    false
 }
 
 const MARKER: &[u8; 7] = b"ib_mcp_";

@@ -563,4 +563,59 @@ mod tests {
             assert!(!is_stripped_header(name), "{name}");
         }
     }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig { cases: 3000, ..proptest::prelude::ProptestConfig::default() })]
+
+        /// Whatever the path, nothing is forwarded unless it is canonical,
+        /// every id in it is a lowercase UUID, and the upstream path stays
+        /// under the project it names (no dot segment, no escape, no query
+        /// on writes).
+        #[test]
+        fn only_canonical_paths_with_uuid_ids_are_forwarded(
+            segs in proptest::collection::vec(
+                proptest::prop_oneof![
+                    proptest::prelude::Just("projects".to_string()),
+                    proptest::prelude::Just("jobs".to_string()),
+                    proptest::prelude::Just("builds".to_string()),
+                    proptest::prelude::Just("log".to_string()),
+                    proptest::prelude::Just(PA.to_string()),
+                    proptest::prelude::Just(B1.to_string()),
+                    proptest::prelude::Just(PA.to_uppercase()),
+                    proptest::prelude::Just("..".to_string()),
+                    proptest::prelude::Just(".".to_string()),
+                    proptest::prelude::Just(String::new()),
+                    "[a-z0-9%._~;:@!$&'()*+,=-]{1,6}",
+                    "\\PC{1,3}",
+                ],
+                0..6,
+            ),
+            query in proptest::option::of("[ -~]{0,12}"),
+            method in proptest::prop_oneof![proptest::prelude::Just("GET"), proptest::prelude::Just("POST"), proptest::prelude::Just("DELETE")],
+        ) {
+            let p = policy().map_err(proptest::test_runner::TestCaseError::fail)?;
+            let good = format!("Bearer {}", tok(2));
+            let mut path = format!("/api/v1/mcp/{}", segs.join("/"));
+            if let Some(q) = &query {
+                path.push('?');
+                path.push_str(q);
+            }
+            let decided = decide(&p, HOST, method, &path, &[("authorization", &good)], 10, Ownership::Confirmed)
+                .map_err(proptest::test_runner::TestCaseError::fail)?;
+            if let Ok(f) = decided {
+                let before_query = path.split('?').next().unwrap_or_default();
+                proptest::prop_assert!(crate::path::check_canonical(&before_query["/api/v1/mcp".len()..]).is_ok(), "{}", path);
+                for seg in before_query.split('/').skip(4) {
+                    proptest::prop_assert!(!(seg.len() == 36 && seg.contains('-')) || crate::path::is_uuid(seg), "{}", path);
+                }
+                let upstream = f.path.split('?').next().unwrap_or_default();
+                proptest::prop_assert!(upstream.starts_with("/api/v1/projects"), "{}", f.path);
+                proptest::prop_assert!(!upstream.split('/').any(|s| s == ".." || s == "."), "{}", f.path);
+                proptest::prop_assert!(!upstream.contains('%') && !upstream.contains("//"), "{}", f.path);
+                if method == "POST" {
+                    proptest::prop_assert!(!f.path.contains('?'), "{}", f.path);
+                }
+            }
+        }
+    }
 }

@@ -21,7 +21,7 @@ pub struct LoadResult {
 }
 
 /// A load shape.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Copy)]
 pub struct Load {
     pub connections: u32,
     pub duration: Duration,

@@ -110,10 +110,12 @@ async fn main() -> Result<()> {
     let db = PgPoolOptions::new().max_connections(2).connect(&database_url).await?;
     infrabox_db::load_infrabox_schema(&db).await?;
     let key = SigningKey::shared();
+    // Also the gRPC listener's credential (MCP_GRPC_SECRET defaults to it).
+    let secret = format!("bench-{}", uuid::Uuid::new_v4().simple());
     let mut cp = ControlPlane::start(ControlPlaneOptions {
         database_url: database_url.clone(),
         public_key_path: key.public_path().to_path_buf(),
-        snapshot_secret: format!("bench-{}", uuid::Uuid::new_v4().simple()),
+        snapshot_secret: secret.clone(),
         env: vec![
             ("INFRABOX_URL".into(), "http://127.0.0.1:9".into()),
             ("MCP_CREDENTIAL_KEY".into(), mcp_gateway_tests::stack::random_key_hex()),
@@ -149,10 +151,14 @@ async fn main() -> Result<()> {
     );
     let started = Instant::now();
     let mut senders = Vec::new();
+    let bearer: tonic::metadata::MetadataValue<tonic::metadata::Ascii> = format!("Bearer {secret}").parse().context("the secret as metadata")?;
     for messages in work {
+        let bearer = bearer.clone();
         senders.push(tokio::spawn(async move {
             let mut client = AccessLogServiceClient::connect(format!("http://{grpc}")).await?;
-            client.stream_access_logs(tonic::codegen::tokio_stream::iter(messages)).await?;
+            let mut request = tonic::Request::new(tonic::codegen::tokio_stream::iter(messages));
+            request.metadata_mut().insert("authorization", bearer);
+            client.stream_access_logs(request).await?;
             anyhow::Ok(())
         }));
     }

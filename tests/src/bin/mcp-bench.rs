@@ -10,6 +10,11 @@
 //! 4. Services: rate-limit decisions/s and audit rows/s (their own bench
 //!    binaries, when built).
 //! 5. Wasm size and the core's instructions per request (callgrind).
+//! 6. Hardening: the cost of checking that a job belongs to its project
+//!    (a job route against a project route; the first request to a job,
+//!    whose ownership is looked up in the rate-limit call, against the
+//!    next), and a flood of bad tokens: the audit rows it produced and a
+//!    valid user's latency during it, against the same user without it.
 //!
 //! `--smoke`: a few seconds per case; checks only that every case produced
 //! numbers, never a speed.
@@ -117,6 +122,21 @@ async fn main() -> Result<()> {
         bail!("allowed MCP requests were refused ({} of {}): rate limit or policy interfered", allowed.1.non_2xx, allowed.1.requests);
     }
 
+    eprintln!("[bench] ownership of builds and jobs");
+    let (_, jobs) = stack.infrabox.add_build(project).await?;
+    let job_path = format!("/api/v1/mcp/projects/{project}/jobs/{}/testruns", jobs[1]);
+    wait_status(filter.listen, &job_path, &token, 200).await?;
+    let auth: &[(&str, &str)] = &[("authorization", &bearer)];
+    let allowed_job = alternate_paths(&load, s.rounds, (&baseline, &job_path, auth), (&filter, &job_path, auth))?;
+    let allowed_job_latency = alternate_paths(&single, s.rounds, (&baseline, &job_path, auth), (&filter, &job_path, auth))?;
+    if allowed_job.1.non_2xx > 0 {
+        bail!("the job route was refused ({} of {})", allowed_job.1.non_2xx, allowed_job.1.requests);
+    }
+    let first_request = first_requests(&stack, &filter, &token, project, if s.smoke { 10 } else { 100 }).await?;
+
+    eprintln!("[bench] a flood of bad tokens against a valid user");
+    let flood = flood(&stack, &filter, &load, &single, &bearer, &mcp_path, &unknown).await?;
+
     eprintln!("[bench] revocation latency ({} revocations while traffic flows, small token set)", s.revocations);
     let revocation = revocations(&stack, &filter, &load, &bearer, &mcp_path, s.revocations).await?;
 
@@ -148,6 +168,17 @@ async fn main() -> Result<()> {
                 "added_p99_ms": allowed_latency.1.p99_ms - allowed_latency.0.p99_ms,
             },
         },
+        "ownership": {
+            "job_route": pair_json(&allowed_job, ratio(&allowed_job.0, &allowed_job.1)),
+            "job_route_one_connection": {
+                "baseline": allowed_job_latency.0, "filter": allowed_job_latency.1,
+                "added_p50_ms": allowed_job_latency.1.p50_ms - allowed_job_latency.0.p50_ms,
+                "added_p99_ms": allowed_job_latency.1.p99_ms - allowed_job_latency.0.p99_ms,
+            },
+            "project_route_throughput_ratio": ratio(&allowed.0, &allowed.1),
+            "first_request": first_request,
+        },
+        "flood": flood,
         "token_scale": scale,
         "revocation": revocation,
         "revocation_at_scale": revocation_at_scale,
@@ -175,6 +206,79 @@ async fn main() -> Result<()> {
     println!("{}", markdown("InfraBox MCP gateway — benchmark results", &context, &rows));
     println!("bench: every case produced numbers ({} s)", started.elapsed().as_secs());
     Ok(())
+}
+
+/// The first request to each of `n` new jobs (its ownership is looked up
+/// by the control plane, in the rate-limit call) and the second (confirmed
+/// at the edge): latency of each, in ms.
+async fn first_requests(stack: &Stack, filter: &BenchEnvoy, token: &str, project: uuid::Uuid, n: usize) -> Result<Value> {
+    let (mut first, mut second) = (Vec::with_capacity(n), Vec::with_capacity(n));
+    for _ in 0..n {
+        let (_, jobs) = stack.infrabox.add_build(project).await?;
+        let path = format!("/api/v1/mcp/projects/{project}/jobs/{}/testruns", jobs[1]);
+        for out in [&mut first, &mut second] {
+            let t0 = Instant::now();
+            let r = RawRequest::get(&path).header("Authorization", &format!("Bearer {token}")).send(filter.listen, Duration::from_secs(5)).await?;
+            out.push(t0.elapsed().as_secs_f64() * 1000.0);
+            if r.status != 200 {
+                bail!("job route answered {}", r.status);
+            }
+        }
+    }
+    let pct = |v: &mut Vec<f64>, p: f64| {
+        v.sort_by(f64::total_cmp);
+        v[((v.len() as f64 - 1.0) * p).round() as usize]
+    };
+    Ok(json!({
+        "jobs": n,
+        "first_p50_ms": pct(&mut first, 0.5), "first_p99_ms": pct(&mut first, 0.99),
+        "second_p50_ms": pct(&mut second, 0.5), "second_p99_ms": pct(&mut second, 0.99),
+    }))
+}
+
+/// A flood of unknown tokens at full speed (`load`) from one address while
+/// a valid user makes one request at a time (`single`), against that user
+/// alone; and the audit rows the flood produced.
+async fn flood(stack: &Stack, filter: &BenchEnvoy, load: &Load, single: &Load, good: &str, path: &str, bad: &str) -> Result<Value> {
+    let alone = single.run(filter.listen, path, &[("authorization", good)])?;
+    let limited_before = filter.stat("wasmcustom.mcp_auth_failures_limited").unwrap_or(0);
+    let coalesced_before = filter.stat("wasmcustom.mcp_audit_coalesced").unwrap_or(0);
+    let since = chrono::Utc::now().naive_utc() - chrono::Duration::seconds(1);
+    let flood = {
+        let (load, addr, path, bad) = (*load, filter.listen, path.to_string(), bad.to_string());
+        std::thread::spawn(move || load.run(addr, &path, &[("authorization", &bad)]))
+    };
+    let during = single.run(filter.listen, path, &[("authorization", good)])?;
+    let flood = flood.join().map_err(|_| anyhow::anyhow!("the flood thread panicked"))??;
+    if during.non_2xx > 0 {
+        bail!("the valid user was refused during the flood ({} of {})", during.non_2xx, during.requests);
+    }
+    // The coalesced rows of the flood's last interval arrive when it ends
+    // (10 s by default): wait until every denial is accounted for.
+    let started = Instant::now();
+    let (rows, denials) = loop {
+        let r = sqlx::query(
+            "SELECT count(*) AS rows, coalesce(sum(count), 0)::int8 AS denials FROM mcp_access_log \
+             WHERE token_id IS NULL AND outcome IN ('unauthorized', 'rate_limited') AND accessed_at >= $1",
+        )
+        .bind(since)
+        .fetch_one(&stack.db)
+        .await?;
+        let (rows, denials): (i64, i64) = (sqlx::Row::get(&r, "rows"), sqlx::Row::get(&r, "denials"));
+        if denials as u64 >= flood.requests || started.elapsed() > Duration::from_secs(15) {
+            break (rows, denials);
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    };
+    Ok(json!({
+        "flood": flood,
+        "audit_rows": rows,
+        "audit_denials_counted": denials,
+        "answered_429": filter.stat("wasmcustom.mcp_auth_failures_limited").unwrap_or(0) - limited_before,
+        "coalesced": filter.stat("wasmcustom.mcp_audit_coalesced").unwrap_or(0) - coalesced_before,
+        "valid_user_alone": alone,
+        "valid_user_during_flood": during,
+    }))
 }
 
 /// Snapshot apply time, VM memory and request cost at each token-set size,
@@ -264,10 +368,16 @@ fn alternate_paths(load: &Load, rounds: usize, base: Side<'_>, filt: Side<'_>) -
 }
 
 async fn wait_status(addr: std::net::SocketAddr, path: &str, token: &str, status: u16) -> Result<Duration> {
+    wait_status_in(addr, path, token, &[status]).await
+}
+
+/// Until the answer is one of `statuses`.
+async fn wait_status_in(addr: std::net::SocketAddr, path: &str, token: &str, statuses: &[u16]) -> Result<Duration> {
     let start = Instant::now();
+    let status = statuses.first().copied().unwrap_or(0);
     loop {
         let r = RawRequest::get(path).header("Authorization", &format!("Bearer {token}")).send(addr, Duration::from_secs(5)).await?;
-        if r.status == status {
+        if statuses.contains(&r.status) {
             return Ok(start.elapsed());
         }
         if start.elapsed() > Duration::from_secs(10) {
@@ -333,7 +443,9 @@ async fn revocations(stack: &Stack, filter: &BenchEnvoy, load: &Load, bearer: &s
         if r.status >= 300 {
             bail!("revocation answered {}", r.status);
         }
-        wait_status(filter.listen, &path, secret, 401).await?;
+        // Refused: 401, or 429 once this address spent its failed-
+        // authentication budget (the deny cases flood from it too).
+        wait_status_in(filter.listen, &path, secret, &[401, 429]).await?;
         delays.push(t0.elapsed().as_secs_f64() * 1000.0);
     }
     drop(background);
@@ -459,6 +571,67 @@ fn table(r: &Value) -> Vec<Row> {
         "allowed MCP request, 8 connections: added p99",
         format!("{:.3} ms ({:.3} vs {:.3})", f(&a["added_p99_ms"]), f(&a["filter"]["p99_ms"]), f(&a["baseline"]["p99_ms"])),
         "(saturated: queueing)",
+        None,
+    ));
+    let ow = &r["ownership"];
+    rows.push(Row::new(
+        "allowed MCP job route (ownership confirmed at the edge), 8 connections",
+        format!(
+            "{:.2}× ({:.0} vs {:.0} req/s); the project route {:.2}×",
+            f(&ow["job_route"]["throughput_ratio"]),
+            f(&ow["job_route"]["filter"]["requests_per_second"]),
+            f(&ow["job_route"]["baseline"]["requests_per_second"]),
+            f(&ow["project_route_throughput_ratio"])
+        ),
+        "no extra round trip",
+        None,
+    ));
+    let j1 = &ow["job_route_one_connection"];
+    rows.push(Row::new(
+        "allowed MCP job route, one connection: added p50 / p99",
+        format!("{:.3} / {:.3} ms", f(&j1["added_p50_ms"]), f(&j1["added_p99_ms"])),
+        "",
+        None,
+    ));
+    let fr = &ow["first_request"];
+    rows.push(Row::new(
+        &format!("first request to a job (ownership looked up in the rate-limit call), {} jobs", fr["jobs"]),
+        format!(
+            "p50 {:.3} ms, p99 {:.3} ms; the next request p50 {:.3} ms, p99 {:.3} ms",
+            f(&fr["first_p50_ms"]),
+            f(&fr["first_p99_ms"]),
+            f(&fr["second_p50_ms"]),
+            f(&fr["second_p99_ms"])
+        ),
+        "",
+        None,
+    ));
+    let fl = &r["flood"];
+    rows.push(Row::new(
+        "bad-token flood at full speed (8 connections, one address)",
+        format!(
+            "{:.0} req/s, {} requests ({} answered 429); audit: {} rows counting {} denials",
+            f(&fl["flood"]["requests_per_second"]),
+            fl["flood"]["requests"],
+            fl["answered_429"],
+            fl["audit_rows"],
+            fl["audit_denials_counted"]
+        ),
+        "rows ≪ requests",
+        None,
+    ));
+    rows.push(Row::new(
+        "a valid user (one connection) alone / during the flood",
+        format!(
+            "p50 {:.3} / {:.3} ms, p99 {:.3} / {:.3} ms, {:.0} / {:.0} req/s",
+            f(&fl["valid_user_alone"]["p50_ms"]),
+            f(&fl["valid_user_during_flood"]["p50_ms"]),
+            f(&fl["valid_user_alone"]["p99_ms"]),
+            f(&fl["valid_user_during_flood"]["p99_ms"]),
+            f(&fl["valid_user_alone"]["requests_per_second"]),
+            f(&fl["valid_user_during_flood"]["requests_per_second"])
+        ),
+        "",
         None,
     ));
     if let Some(scale) = r["token_scale"].as_array() {

@@ -67,7 +67,10 @@ struct Run {
     latencies_us: Vec<u32>,
 }
 
-async fn drive(grpc: SocketAddr, seconds: u64, connections: u64, inflight: u64, users: u64) -> Result<Run> {
+/// `secret`: the internal credential (the control plane's snapshot secret,
+/// which the gRPC secret defaults to).
+async fn drive(grpc: SocketAddr, secret: &str, seconds: u64, connections: u64, inflight: u64, users: u64) -> Result<Run> {
+    let bearer: tonic::metadata::MetadataValue<tonic::metadata::Ascii> = format!("Bearer {secret}").parse().context("the secret as metadata")?;
     let done = Arc::new(AtomicU64::new(0));
     let errors = Arc::new(AtomicU64::new(0));
     let latencies = Arc::new(Mutex::new(Vec::<u32>::new()));
@@ -87,14 +90,16 @@ async fn drive(grpc: SocketAddr, seconds: u64, connections: u64, inflight: u64, 
     for (c, channel) in channels.iter().enumerate() {
         for i in 0..inflight {
             let mut client = RateLimitServiceClient::new(channel.clone());
-            let (done, errors, latencies) = (done.clone(), errors.clone(), latencies.clone());
+            let (done, errors, latencies, bearer) = (done.clone(), errors.clone(), latencies.clone(), bearer.clone());
             let mut n = (c as u64).wrapping_mul(7919).wrapping_add(i.wrapping_mul(104_729));
             tasks.push(tokio::spawn(async move {
                 let mut mine = Vec::new();
                 while Instant::now() < until {
                     n = n.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
                     let t0 = Instant::now();
-                    match client.should_rate_limit(request((n >> 33) % users)).await {
+                    let mut call = tonic::Request::new(request((n >> 33) % users));
+                    call.metadata_mut().insert("authorization", bearer.clone());
+                    match client.should_rate_limit(call).await {
                         Ok(_) => {
                             done.fetch_add(1, Ordering::Relaxed);
                             mine.push(t0.elapsed().as_micros().min(u128::from(u32::MAX)) as u32);
@@ -151,10 +156,11 @@ async fn main() -> Result<()> {
     let db = PgPoolOptions::new().max_connections(2).connect(&database_url).await?;
     infrabox_db::load_infrabox_schema(&db).await?;
     let key = SigningKey::shared();
+    let secret = format!("bench-{}", uuid::Uuid::new_v4().simple());
     let cp = ControlPlane::start(ControlPlaneOptions {
         database_url,
         public_key_path: key.public_path().to_path_buf(),
-        snapshot_secret: format!("bench-{}", uuid::Uuid::new_v4().simple()),
+        snapshot_secret: secret.clone(),
         env: vec![
             ("REDIS_URL".into(), redis.url()),
             ("INFRABOX_URL".into(), "http://127.0.0.1:9".into()),
@@ -164,11 +170,11 @@ async fn main() -> Result<()> {
     })?;
 
     // Warm up: connection, script load.
-    let warm = drive(cp.grpc_addr(), 1, 1, 1, users).await?;
+    let warm = drive(cp.grpc_addr(), &secret, 1, 1, 1, users).await?;
     if warm.decisions == 0 {
         bail!("the rate-limit service answered nothing during warm-up; log:\n{}", cp.log_contents());
     }
-    let run = drive(cp.grpc_addr(), seconds, connections, inflight, users).await?;
+    let run = drive(cp.grpc_addr(), &secret, seconds, connections, inflight, users).await?;
     let per_second = run.decisions as f64 / run.seconds;
     let pct = |p: f64| {
         let l = &run.latencies_us;

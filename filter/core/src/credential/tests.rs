@@ -86,7 +86,6 @@ fn every_form_infrabox_reads_is_seen() -> TestResult {
         vec![format!("Basic {}", b64(&format!("xy{T}")))],
         vec![format!("Basic {first}"), second.to_string()],
         vec!["Bearer eyJ.a.b".into(), format!("Basic {basic}")],
-        vec![format!("Digest {basic}")],
     ];
     for auth in &authorizations {
         let a: Vec<&str> = auth.iter().map(String::as_str).collect();
@@ -260,10 +259,12 @@ proptest! {
         if model_recovers_marker(&parts, &[]) {
             prop_assert!(detector(&parts, &[]), "{parts:?}");
         }
-        // Not only what InfraBox reads: whatever CPython decodes from the
-        // value, from any word on, holding the marker, is seen.
+        // Not only what InfraBox reads: whatever CPython decodes from a
+        // value naming Basic (in any case: what the ingress routes into the
+        // filter), from any word on, holding the marker, is seen.
         let joined = parts.join(",");
-        for (i, _) in joined.match_indices(' ').chain([(0, "")]) {
+        let names_basic = joined.to_ascii_lowercase().contains("basic");
+        for (i, _) in joined.match_indices(' ').chain([(0, "")]).filter(|_| names_basic) {
             if let Ok(decoded) = cpython_b64decode(joined.get(i..).unwrap_or_default().as_bytes()) {
                 if contains_marker(&decoded) {
                     prop_assert!(detector(&parts, &[]), "{parts:?}");
