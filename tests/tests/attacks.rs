@@ -405,30 +405,42 @@ async fn nothing_a_client_sends_lands_in_an_audit_rows_identity() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn behind_a_trusted_load_balancer_the_address_it_saw_is_the_client() {
-    let s = Stack::start(StackOptions { xff_trusted_hops: 1, ..StackOptions::default() }).await.unwrap();
+    let s = Stack::start(StackOptions { xff_trusted_hops: 1, plugin: json!({"audit_coalesce_seconds": 1}), ..StackOptions::default() })
+        .await
+        .unwrap();
     let (user, projects) = s.user_with_projects("behind-lb", 1).await.unwrap();
     let p = projects[0];
     let (token_id, t) = s.create_token(user, json!({}), 30).await.unwrap();
     s.wait_until_status(&t, &format!("/api/v1/mcp/projects/{p}"), 200).await;
     // The load balancer appended the client it saw; whatever the client put
     // before it is not trusted.
-    let req = RawRequest::get(&format!("/api/v1/mcp/projects/{p}/jobs")).header("Authorization", &bearer(&t)).header("X-Forwarded-For", "6.6.6.6, 203.0.113.9");
-    expect(&s, "through a trusted hop", req, 200, "").await;
+    let via_lb = |path: String| RawRequest::get(&path).header("Authorization", &bearer(&t)).header("X-Forwarded-For", "6.6.6.6, 203.0.113.9");
+    expect(&s, "through a trusted hop", via_lb(format!("/api/v1/mcp/projects/{p}/jobs")), 200, "").await;
+    // Three identical denials: one row of its own (Envoy's access log) and
+    // one coalesced row of two (the filter's view of the client).
+    let foreign = Uuid::new_v4();
+    for _ in 0..3 {
+        expect(&s, "denied through a trusted hop", via_lb(format!("/api/v1/mcp/projects/{foreign}")), 403, "project_forbidden").await;
+    }
     let start = Instant::now();
     loop {
-        let ips: Vec<Option<String>> = sqlx::query("SELECT ip FROM mcp_access_log WHERE token_id = $1 AND route = 'jobs.list'")
+        let rows: Vec<(String, Option<String>, i32)> = sqlx::query("SELECT coalesce(route, error) AS what, ip, count FROM mcp_access_log WHERE token_id = $1 AND (route = 'jobs.list' OR error = 'project_forbidden')")
             .bind(&token_id)
             .fetch_all(&s.db)
             .await
             .unwrap()
             .iter()
-            .map(|r| r.get("ip"))
+            .map(|r| (r.get("what"), r.get("ip"), r.get("count")))
             .collect();
-        if let Some(ip) = ips.first() {
-            assert_eq!(ip.as_deref(), Some("203.0.113.9"));
+        let counted: i32 = rows.iter().filter(|r| r.0 != "jobs.list").map(|r| r.2).sum();
+        if rows.iter().any(|r| r.0 == "jobs.list") && counted == 3 {
+            for (what, ip, _) in &rows {
+                assert_eq!(ip.as_deref(), Some("203.0.113.9"), "{what}: the address the trusted hop saw");
+            }
+            assert!(rows.iter().any(|r| r.2 == 2), "a coalesced row");
             break;
         }
-        assert!(start.elapsed() < Duration::from_secs(10), "no audit row");
+        assert!(start.elapsed() < Duration::from_secs(10), "audit rows did not arrive: {rows:?}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }

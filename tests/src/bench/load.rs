@@ -27,9 +27,19 @@ pub struct Load {
     pub duration: Duration,
 }
 
+/// Load kept up in the background until dropped (the wrk process is
+/// killed then, not left running for its whole duration).
+pub struct Background(std::process::Child);
+
+impl Drop for Background {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 impl Load {
-    /// `GET path` with `headers` against `addr`.
-    pub fn run(&self, addr: SocketAddr, path: &str, headers: &[(&str, &str)]) -> Result<LoadResult> {
+    fn command(&self, addr: SocketAddr, path: &str, headers: &[(&str, &str)]) -> Command {
         let mut cmd = Command::new("wrk");
         cmd.args(["-t1", "-c", &self.connections.to_string()])
             .args(["-d", &format!("{}s", self.duration.as_secs().max(1))])
@@ -38,7 +48,23 @@ impl Load {
             cmd.args(["-H", &format!("{k}: {v}")]);
         }
         cmd.arg(format!("http://{addr}{path}"));
-        let out = cmd.output().context("running wrk (apt-get install wrk)")?;
+        cmd
+    }
+
+    /// Starts this load (at most `duration`) until the returned guard is dropped.
+    pub fn background(&self, addr: SocketAddr, path: &str, headers: &[(&str, &str)]) -> Result<Background> {
+        let child = self
+            .command(addr, path, headers)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .context("running wrk (apt-get install wrk)")?;
+        Ok(Background(child))
+    }
+
+    /// `GET path` with `headers` against `addr`.
+    pub fn run(&self, addr: SocketAddr, path: &str, headers: &[(&str, &str)]) -> Result<LoadResult> {
+        let out = self.command(addr, path, headers).output().context("running wrk (apt-get install wrk)")?;
         if !out.status.success() {
             bail!("wrk failed: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
         }

@@ -426,11 +426,9 @@ async fn revocations(stack: &Stack, filter: &BenchEnvoy, load: &Load, bearer: &s
             tokens.push((user, id, secret, projects[0]));
         }
     }
-    let background = {
-        let busy = Load { connections: 4, duration: load.duration.max(Duration::from_secs(2)) * 40 };
-        let (addr, path, bearer) = (filter.listen, busy_path.to_string(), bearer.to_string());
-        std::thread::spawn(move || busy.run(addr, &path, &[("authorization", &bearer)]))
-    };
+    // Traffic during the revocations only (killed when they are done).
+    let busy = Load { connections: 4, duration: load.duration.max(Duration::from_secs(2)) * 40 };
+    let background = busy.background(filter.listen, busy_path, &[("authorization", bearer)])?;
     let mut delays = Vec::with_capacity(count);
     for (user, id, secret, project) in &tokens {
         let path = format!("/api/v1/mcp/projects/{project}");
