@@ -45,13 +45,13 @@ impl std::error::Error for StartupError {}
 
 /// Connects, migrates, binds and serves until `shutdown` turns true.
 pub async fn run(config: Config, shutdown: watch::Receiver<bool>) -> Result<(), StartupError> {
-    let sessions = SessionVerifier::from_rsa_pem(&config.infrabox_public_key_pem).map_err(|_| {
-        StartupError("INFRABOX_PUBLIC_KEY / INFRABOX_PUBLIC_KEY_PATH: not a valid RSA public key in PEM".into())
-    })?;
+    let sessions = SessionVerifier::from_public_key(&config.infrabox_public_key_pem)
+        .map_err(|why| StartupError(format!("INFRABOX_PUBLIC_KEY / INFRABOX_PUBLIC_KEY_PATH: {why}")))?;
     let pool = connect(&config.database_url).await?;
-    let applied = crate::migrate::run(&pool)
-        .await
-        .map_err(|e| StartupError(format!("database migration failed: {e}")))?;
+    let applied = crate::migrate::run(&pool).await.map_err(|e| match e {
+        crate::migrate::MigrateError::InfraBoxTooOld(_) => StartupError(e.to_string()),
+        crate::migrate::MigrateError::Db(_) => StartupError(format!("database migration failed: {e}")),
+    })?;
     tracing::info!(?applied, "migrations up to date");
 
     let cipher = Arc::new(CredentialCipher::new(&config.credential_key, config.credential_key_previous.as_ref()));
@@ -71,7 +71,7 @@ pub async fn run(config: Config, shutdown: watch::Receiver<bool>) -> Result<(), 
         credentials,
     };
     let public = with_common_layers(crate::token_api::router(api));
-    let metrics = Metrics::default();
+    let metrics = Metrics { snapshot: Some(current.clone()), ..Metrics::default() };
     let (audit_ingest, audit_tasks) =
         crate::audit::start(pool.clone(), &config.audit, metrics.audit.clone(), shutdown.clone());
     let summaries = crate::audit::summaries::Summaries::new(
@@ -134,6 +134,8 @@ struct Metrics {
     audit: Arc<AuditMetrics>,
     ownership: Arc<OwnershipMetrics>,
     internal_auth: Arc<InternalAuthMetrics>,
+    /// The snapshot in force (its gauges).
+    snapshot: Option<crate::snapshot::publisher::Current>,
 }
 
 /// The gRPC services Envoy calls, on one listener (`MCP_GRPC_ADDR`), each
@@ -164,6 +166,12 @@ fn metrics_router(metrics: Metrics) -> Router {
                 m.audit.render(&mut out);
                 m.ownership.render(&mut out);
                 m.internal_auth.render(&mut out);
+                let published = m.snapshot.as_ref().and_then(|c| c.borrow().clone());
+                if let Some(p) = published {
+                    out.push_str("# HELP mcp_tokens_without_upstream_credential Live tokens whose user has no InfraBox credential they need yet (created before the gateway; minted at the owner's next token-API request).\n");
+                    out.push_str("# TYPE mcp_tokens_without_upstream_credential gauge\n");
+                    out.push_str(&format!("mcp_tokens_without_upstream_credential {}\n", p.without_credential));
+                }
                 ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], out)
             }
         }),

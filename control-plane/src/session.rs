@@ -4,6 +4,11 @@
 //!
 //! An `ib_mcp_` token is refused here: MCP tokens cannot manage MCP tokens.
 //! Error messages never contain the presented credential.
+//!
+//! InfraBox's public key is accepted in the forms its setups carry it
+//! ([`public_key`]): PEM, SPKI (`BEGIN PUBLIC KEY`, what `openssl rsa
+//! -pubout` writes) or PKCS#1 (`BEGIN RSA PUBLIC KEY`), and OpenSSH
+//! (`ssh-rsa AAAA…`, in InfraBox's k3s and e2e setups).
 
 use std::collections::HashSet;
 
@@ -63,10 +68,49 @@ struct ClaimUser {
     id: serde_json::Value,
 }
 
+/// What [`public_key`] says of a key it cannot read (never quoting it).
+pub const ACCEPTED_KEY_FORMATS: &str = "not an RSA public key; accepted are PEM (-----BEGIN PUBLIC KEY----- as openssl rsa -pubout \
+     writes it, or -----BEGIN RSA PUBLIC KEY-----) and OpenSSH (ssh-rsa AAAA...)";
+
+/// InfraBox's RSA public key from PEM (SPKI or PKCS#1) or OpenSSH text.
+pub fn public_key(text: &[u8]) -> Result<DecodingKey, &'static str> {
+    let trimmed = std::str::from_utf8(text).map_err(|_| ACCEPTED_KEY_FORMATS)?.trim();
+    if let Some(rest) = trimmed.strip_prefix("ssh-rsa ") {
+        let blob = rest.split_whitespace().next().ok_or(ACCEPTED_KEY_FORMATS)?;
+        let (n, e) = openssh_rsa(blob).ok_or(ACCEPTED_KEY_FORMATS)?;
+        return Ok(DecodingKey::from_rsa_raw_components(&n, &e));
+    }
+    if trimmed.contains("-----BEGIN") {
+        return DecodingKey::from_rsa_pem(trimmed.as_bytes()).map_err(|_| ACCEPTED_KEY_FORMATS);
+    }
+    Err(ACCEPTED_KEY_FORMATS)
+}
+
+/// (modulus, exponent) of an OpenSSH `ssh-rsa` key blob (base64 of: string
+/// "ssh-rsa", mpint e, mpint n).
+fn openssh_rsa(blob_b64: &str) -> Option<(Vec<u8>, Vec<u8>)> {
+    use base64::Engine;
+    let blob = base64::engine::general_purpose::STANDARD.decode(blob_b64).ok()?;
+    let mut rest = blob.as_slice();
+    let mut next = || -> Option<Vec<u8>> {
+        let len = u32::from_be_bytes(rest.get(..4)?.try_into().ok()?) as usize;
+        let field = rest.get(4..4 + len)?.to_vec();
+        rest = rest.get(4 + len..)?;
+        Some(field)
+    };
+    if next()? != b"ssh-rsa" {
+        return None;
+    }
+    let strip = |v: Vec<u8>| -> Vec<u8> { v.into_iter().skip_while(|b| *b == 0).collect() };
+    let e = strip(next()?);
+    let n = strip(next()?);
+    (n.len() >= 128 && !e.is_empty()).then_some((n, e))
+}
+
 impl SessionVerifier {
-    /// Builds a verifier from InfraBox's RSA public key in PEM.
-    pub fn from_rsa_pem(pem: &[u8]) -> Result<Self, jsonwebtoken::errors::Error> {
-        let key = DecodingKey::from_rsa_pem(pem)?;
+    /// Builds a verifier from InfraBox's RSA public key (PEM or OpenSSH).
+    pub fn from_public_key(text: &[u8]) -> Result<Self, &'static str> {
+        let key = public_key(text)?;
         let mut validation = Validation::new(Algorithm::RS256);
         validation.validate_exp = false;
         validation.validate_nbf = false;
@@ -163,7 +207,7 @@ mod tests {
     #[test]
     fn mcp_tokens_are_refused_without_echo() {
         let tok = mcp_filter_core::token::mint(&[7; 24]);
-        let v = SessionVerifier::from_rsa_pem(include_bytes!("../testdata/session_public.pem")).unwrap();
+        let v = SessionVerifier::from_public_key(include_bytes!("../testdata/session_public.pem")).unwrap();
         for h in [
             headers(&[("authorization", &format!("Bearer {tok}"))]),
             headers(&[("authorization", &format!("bearer {tok}"))]),
@@ -178,6 +222,36 @@ mod tests {
         assert_eq!(e.code, "invalid_session");
     }
 
+    #[test]
+    fn infrabox_keys_are_read_in_every_form_its_setups_use() {
+        use rsa::pkcs1::EncodeRsaPublicKey;
+        use rsa::pkcs8::DecodePublicKey;
+        use rsa::traits::PublicKeyParts;
+        let spki = include_str!("../testdata/session_public.pem");
+        let key = rsa::RsaPublicKey::from_public_key_pem(spki).unwrap();
+        let pkcs1 = key.to_pkcs1_pem(rsa::pkcs8::LineEnding::LF).unwrap();
+        let mpint = |v: Vec<u8>| if v.first().is_some_and(|b| b & 0x80 != 0) { [vec![0], v].concat() } else { v };
+        let mut blob = Vec::new();
+        for field in [b"ssh-rsa".to_vec(), mpint(key.e().to_bytes_be()), mpint(key.n().to_bytes_be())] {
+            blob.extend((field.len() as u32).to_be_bytes());
+            blob.extend(field);
+        }
+        use base64::Engine;
+        let ssh = format!("ssh-rsa {} infrabox@k3s\n", base64::engine::general_purpose::STANDARD.encode(&blob));
+        let id = "2b8f9f4e-1111-4222-8333-444455556666";
+        let jwt = sign(include_bytes!("../testdata/session_private.pem"), serde_json::json!({"user": {"id": id}, "type": "user"}));
+        let forged = sign(include_bytes!("../testdata/other_private.pem"), serde_json::json!({"user": {"id": id}, "type": "user"}));
+        for (form, text) in [("SPKI", spki.to_string()), ("PKCS#1", pkcs1.to_string()), ("OpenSSH", ssh)] {
+            let v = SessionVerifier::from_public_key(text.as_bytes()).unwrap_or_else(|e| panic!("{form}: {e}"));
+            assert_eq!(v.authenticate(&headers(&[("authorization", &format!("Bearer {jwt}"))])).unwrap().user_id.to_string(), id, "{form}");
+            assert!(v.authenticate(&headers(&[("authorization", &format!("Bearer {forged}"))])).is_err(), "{form}: another key's JWT");
+        }
+        for bad in ["", "ssh-rsa", "ssh-rsa !!!", "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIA", "-----BEGIN PUBLIC KEY-----\nAAAA\n-----END PUBLIC KEY-----", "MIIBIjANBgkqh"] {
+            let e = SessionVerifier::from_public_key(bad.as_bytes()).err().unwrap_or_else(|| panic!("accepted {bad:?}"));
+            assert!(e.contains("PEM") && e.contains("ssh-rsa"), "{e}");
+        }
+    }
+
     fn sign(key: &[u8], claims: serde_json::Value) -> String {
         let key = jsonwebtoken::EncodingKey::from_rsa_pem(key).unwrap();
         jsonwebtoken::encode(&jsonwebtoken::Header::new(Algorithm::RS256), &claims, &key).unwrap()
@@ -185,7 +259,7 @@ mod tests {
 
     #[test]
     fn verifies_infrabox_user_jwts() {
-        let v = SessionVerifier::from_rsa_pem(include_bytes!("../testdata/session_public.pem")).unwrap();
+        let v = SessionVerifier::from_public_key(include_bytes!("../testdata/session_public.pem")).unwrap();
         let good = include_bytes!("../testdata/session_private.pem");
         let other = include_bytes!("../testdata/other_private.pem");
         let id = "2b8f9f4e-1111-4222-8333-444455556666";

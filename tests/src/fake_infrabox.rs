@@ -521,10 +521,22 @@ async fn handle(state: Arc<Shared>, req: Request<Body>) -> Response {
         })
         .unwrap_or_default();
 
-    match route(&state, &parts.method, &path, &parts.headers, &query, &body).await {
+    let response = match route(&state, &parts.method, &path, &parts.headers, &query, &body).await {
         Ok(resp) => resp,
         Err(err) => message(500, &format!("fake InfraBox internal error: {err:#}")),
+    };
+    // InfraBox's after_request hook: every request made with a global
+    // token is written to global_token_access_log.
+    if let Ok(Caller::Global { id, .. }) = authenticate(&state, &parts.headers).await {
+        let _ = sqlx::query("INSERT INTO global_token_access_log (token_id, path, method, status_code) VALUES ($1, $2, $3, $4)")
+            .bind(id)
+            .bind(&path)
+            .bind(parts.method.as_str())
+            .bind(response.status().as_u16() as i16)
+            .execute(&state.pool)
+            .await;
     }
+    response
 }
 
 fn percent_decode(s: &str) -> String {
@@ -551,7 +563,7 @@ fn percent_decode(s: &str) -> String {
 enum Caller {
     Anonymous,
     User { id: Uuid, system_role: String },
-    Global { owner: Uuid, scope_push: bool },
+    Global { id: Uuid, owner: Uuid, scope_push: bool },
     /// An `ib_mcp_` value: InfraBox's placeholder `{"type":"mcp"}`.
     Mcp,
 }
@@ -630,7 +642,7 @@ async fn authenticate(state: &Shared, headers: &HeaderMap) -> Result<Caller> {
                 .fetch_optional(&state.pool)
                 .await?;
             Ok(match row {
-                Some(row) => Caller::Global { owner: row.try_get("user_id")?, scope_push: row.try_get("scope_push")? },
+                Some(row) => Caller::Global { id, owner: row.try_get("user_id")?, scope_push: row.try_get("scope_push")? },
                 None => Caller::Anonymous,
             })
         }

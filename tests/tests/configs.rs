@@ -749,6 +749,50 @@ fn the_manifests_agree_with_each_other_and_with_the_filter() {
         assert!(!serde_yaml::to_string(r).unwrap().contains("mcp-control-plane"), "route {i} reaches the control plane");
     }
 
+    // Every route of InfraBox's stock ingress survives (INFRABOX_API.md §8,
+    // deploy/infrabox/templates/ingress.yaml), in its namespace, and no
+    // route is shadowed by an earlier, broader one (Istio matches in order).
+    let ns = "infrabox-system.svc.cluster.local";
+    let stock = [
+        ("/api", "infrabox-api", 8080),
+        ("/github/hook", "infrabox-github-trigger", 8080),
+        ("/github/auth", "infrabox-api", 8080),
+        ("/saml", "infrabox-api", 8080),
+        ("/v2", "infrabox-docker-registry", 8080),
+        ("/dashboard", "infrabox-static", 80),
+        ("/", "infrabox-static", 80),
+    ];
+    let prefixes = |r: &Value| -> Vec<String> {
+        get(r, "match").as_sequence().map(|m| m.iter().filter_map(|m| get(m, "uri.prefix").as_str().map(str::to_string)).collect()).unwrap_or_default()
+    };
+    for (prefix, service, port) in stock {
+        let (i, r) = routes.iter().enumerate().find(|(_, r)| prefixes(r).iter().any(|p| p == prefix)).unwrap_or_else(|| panic!("no route for {prefix}"));
+        let dest = &get(r, "route")[0]["destination"];
+        assert_eq!((s(dest, "host"), get(dest, "port.number").as_u64()), (format!("{service}.{ns}").as_str(), Some(port)), "{prefix}");
+        for earlier in &routes[..i] {
+            for p in prefixes(earlier) {
+                assert!(!prefix.starts_with(&p) || p == "/internal", "{prefix} is shadowed by the earlier prefix {p}");
+            }
+        }
+    }
+    assert_eq!(prefixes(routes.last().unwrap()).last().map(String::as_str), Some("/"), "the catch-all comes last");
+    assert!(tokens < routes.iter().position(|r| prefixes(r).contains(&"/api".to_string())).unwrap(), "the token API before /api");
+    assert_eq!(s(cm, "data.INFRABOX_URL"), format!("http://infrabox-api.{ns}:8080"), "the control plane mints credentials at the same API");
+
+    // The optional fence: InfraBox's API only from the gateway, InfraBox's
+    // own namespaces and the control plane; its in-app MCP routes denied.
+    let fence = find(&docs, "NetworkPolicy", "infrabox-api-behind-the-gateway");
+    assert_eq!(s(fence, "metadata.namespace"), "infrabox-system");
+    assert_eq!(s(fence, "spec.podSelector.matchLabels.app"), "infrabox-api");
+    let from = serde_yaml::to_string(get(fence, "spec.ingress")).unwrap();
+    for must in ["istio: ingressgateway", "infrabox-system", "infrabox-worker", "mcp-gateway", "mcp-control-plane", "port: 8080"] {
+        assert!(from.contains(must), "the fence must admit {must}: {from}");
+    }
+    let deny = find(&docs, "AuthorizationPolicy", "infrabox-api-no-in-app-mcp");
+    assert_eq!(s(deny, "spec.action"), "DENY");
+    let paths = serde_yaml::to_string(get(deny, "spec.rules")).unwrap();
+    assert!(paths.contains("/api/v1/mcp/*") && paths.contains("- /api/v1/mcp\n"), "{paths}");
+
     // The control plane: secrets only by reference, probes on /healthz of
     // the internal listener, non-root.
     for env in get(container, "env").as_sequence().unwrap() {
@@ -769,7 +813,8 @@ fn the_manifests_agree_with_each_other_and_with_the_filter() {
     // internal secret at apply time (the EnvoyFilter and the WasmPlugin).
     let k = docs.iter().map(|(_, d)| d).find(|d| s(d, "kind") == "Kustomization").unwrap();
     let listed: Vec<&str> = get(k, "resources").as_sequence().unwrap().iter().filter_map(Value::as_str).collect();
-    let rendered = ["kustomization.yaml", "wasm-plugin.yaml", "envoy-filter.yaml"];
+    // (and the optional fence of InfraBox's API, applied on its own).
+    let rendered = ["kustomization.yaml", "wasm-plugin.yaml", "envoy-filter.yaml", "infrabox-fence.yaml"];
     let mut files: Vec<String> = docs.iter().map(|(f, _)| f.clone()).filter(|f| !rendered.contains(&f.as_str())).collect();
     files.dedup();
     assert_eq!(listed, files.iter().map(String::as_str).collect::<Vec<_>>());

@@ -13,6 +13,15 @@
 //!
 //! Each runs under a per-user advisory lock, so concurrent actions of one
 //! user never mint twice.
+//!
+//! InfraBox's own audit: `global_token_access_log` rows reference their
+//! global token `ON DELETE CASCADE`, so deleting a credential would delete
+//! InfraBox's record of every request made with it. Before a credential is
+//! deleted, its rows are copied into `mcp_access_log` (same ids, so a
+//! retried deletion copies nothing twice; action
+//! `infrabox.global_token_access`), where the gateway's retention applies.
+//! If the copy fails, the credential is not deleted (the next token action
+//! retries both).
 
 use std::sync::Arc;
 
@@ -151,11 +160,82 @@ impl UpstreamCredentials {
         tx.commit().await?;
         tracing::info!(%user, kind = kind.as_str(), credential_id = %minted.id, days, "upstream credential provisioned");
         if let Some(old) = old_id.filter(|o| *o != minted.id) {
-            if let Err(e) = self.infrabox.delete_global_token(session, old).await {
-                tracing::warn!(%user, kind = kind.as_str(), error = %e, "could not delete the replaced upstream credential");
+            match self.preserve_infrabox_audit(user, kind, old).await {
+                Ok(_) => {
+                    if let Err(e) = self.infrabox.delete_global_token(session, old).await {
+                        tracing::warn!(%user, kind = kind.as_str(), error = %e, "could not delete the replaced upstream credential");
+                    }
+                }
+                Err(e) => tracing::warn!(%user, kind = kind.as_str(), error = %e, "kept the replaced upstream credential: its InfraBox audit rows could not be copied"),
             }
         }
         Ok(())
+    }
+
+    /// Copies InfraBox's access-log rows of credential `id` into
+    /// `mcp_access_log` (see the module documentation); returns how many
+    /// were new. An InfraBox without the table has nothing to copy.
+    pub async fn preserve_infrabox_audit(&self, user: Uuid, kind: CredentialKind, id: Uuid) -> Result<u64, sqlx::Error> {
+        let copied = sqlx::query(
+            "INSERT INTO mcp_access_log (id, user_id, action, outcome, details, accessed_at, method, path, status_code) \
+             SELECT l.id, $2, 'infrabox.global_token_access', \
+                    CASE WHEN l.status_code IS NULL THEN 'upstream_error' WHEN l.status_code < 400 THEN 'success' \
+                         WHEN l.status_code = 401 THEN 'unauthorized' WHEN l.status_code = 403 THEN 'forbidden' \
+                         WHEN l.status_code IN (404, 405) THEN 'not_found' WHEN l.status_code = 429 THEN 'rate_limited' \
+                         WHEN l.status_code < 500 THEN 'bad_request' ELSE 'upstream_error' END, \
+                    jsonb_build_object('source', 'global_token_access_log', 'global_token_id', l.token_id, 'credential', $3::text), \
+                    l.accessed_at, left(l.method, 16), left(l.path, 512), l.status_code \
+             FROM global_token_access_log l WHERE l.token_id = $1 \
+             ON CONFLICT (id) DO NOTHING",
+        )
+        .bind(id)
+        .bind(user)
+        .bind(kind.as_str())
+        .execute(&self.pool)
+        .await;
+        match copied {
+            Ok(done) => {
+                if done.rows_affected() > 0 {
+                    tracing::info!(%user, kind = kind.as_str(), credential_id = %id, rows = done.rows_affected(), "copied InfraBox's audit rows of an upstream credential before deleting it");
+                }
+                Ok(done.rows_affected())
+            }
+            // 42P01 undefined_table: an InfraBox without global_token_access_log.
+            Err(sqlx::Error::Database(d)) if d.code().as_deref() == Some("42P01") => Ok(0),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Mints the credentials the user's live tokens need and the user does
+    /// not have (tokens created by InfraBox's own token API, before the
+    /// gateway): run at every session-authenticated token-API request, so
+    /// the owner's next visit to the token page (or `GET
+    /// /api/v1/mcp/tokens`) makes such tokens work. Returns the kinds minted.
+    pub async fn provision_missing(&self, user: Uuid, session: &str) -> Result<Vec<CredentialKind>, CredentialError> {
+        let row = sqlx::query(
+            "SELECT max(t.expires_at) AS read_until, max(t.expires_at) FILTER (WHERE t.allow_trigger) AS write_until, \
+                    coalesce(bool_or(c.read_ciphertext IS NULL), false) AS read_missing, \
+                    coalesce(bool_or(t.allow_trigger AND c.write_ciphertext IS NULL), false) AS write_missing \
+             FROM mcp_token t LEFT JOIN mcp_upstream_credential c ON c.user_id = t.user_id \
+             WHERE t.user_id = $1 AND t.revoked_at IS NULL AND t.expires_at > (now() AT TIME ZONE 'utc')",
+        )
+        .bind(user)
+        .fetch_one(&self.pool)
+        .await?;
+        let until = |col: &str| -> Result<Option<DateTime<Utc>>, sqlx::Error> {
+            Ok(row.try_get::<Option<chrono::NaiveDateTime>, _>(col)?.map(|t| t.and_utc()))
+        };
+        let mut minted = Vec::new();
+        for (kind, missing, until) in [
+            (CredentialKind::Read, row.try_get::<bool, _>("read_missing")?, until("read_until")?),
+            (CredentialKind::Write, row.try_get::<bool, _>("write_missing")?, until("write_until")?),
+        ] {
+            if let (true, Some(until)) = (missing, until) {
+                self.ensure(user, session, kind, until).await?;
+                minted.push(kind);
+            }
+        }
+        Ok(minted)
     }
 
     /// Deletes (in InfraBox, then here) every credential of `user` that no
@@ -188,6 +268,11 @@ impl UpstreamCredentials {
             let (ct, id_col, exp_col) = columns(kind);
             let Some(id) = row.try_get::<Option<Uuid>, _>(id_col)? else { continue };
             if needed {
+                continue;
+            }
+            if let Err(e) = self.preserve_infrabox_audit(user, kind, id).await {
+                tracing::warn!(%user, kind = kind.as_str(), error = %e, "kept an upstream credential: its InfraBox audit rows could not be copied; will retry");
+                first_error.get_or_insert(CredentialError::Db(e));
                 continue;
             }
             match self.infrabox.delete_global_token(session, id).await {

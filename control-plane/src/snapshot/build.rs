@@ -242,6 +242,22 @@ impl Model {
         self.users.len()
     }
 
+    /// Live tokens whose user has no upstream credential of a kind the
+    /// token needs (read; write for a token that may trigger): tokens
+    /// created before the gateway, until their owner's next
+    /// session-authenticated token-API request mints it.
+    pub fn tokens_without_credential(&self) -> usize {
+        self.tokens
+            .values()
+            .filter(|t| {
+                let user = self.users.get(&t.user_id);
+                let read = user.is_some_and(|u| u.read_credential.is_some());
+                let write = user.is_some_and(|u| u.write_credential.is_some());
+                !read || (t.allow_trigger && !write)
+            })
+            .count()
+    }
+
     /// The wire value (tests and tools; the publisher renders bodies).
     pub fn snapshot(&self, limits: &Limits, version: &str, generated_at: i64) -> Snapshot {
         Snapshot {

@@ -49,6 +49,8 @@ impl Pending {
 pub struct Published {
     pub version: String,
     pub token_count: usize,
+    /// Live tokens whose user lacks an upstream credential they need.
+    pub without_credential: usize,
     /// `serde_json` of the [`mcp_filter_core::snapshot::Snapshot`].
     pub body: Bytes,
 }
@@ -113,7 +115,12 @@ impl SnapshotPublisher {
             tracing::debug!(%version, how, "snapshot unchanged");
             return Ok(());
         }
-        let published = Published { version, token_count: model.token_count(), body: Bytes::from(body) };
+        let published = Published {
+            version,
+            token_count: model.token_count(),
+            without_credential: model.tokens_without_credential(),
+            body: Bytes::from(body),
+        };
         tracing::info!(
             version = %published.version,
             how,

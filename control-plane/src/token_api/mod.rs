@@ -76,6 +76,15 @@ impl FromRequestParts<TokenApi> for Caller {
         if !api.store.user_exists(session.user_id).await? {
             return Err(ApiError::unauthorized("unknown_user", "the session's user does not exist in InfraBox"));
         }
+        // Tokens that predate the gateway (InfraBox's own token API) get the
+        // credentials they need now: best effort, the request goes on.
+        match api.credentials.provision_missing(session.user_id, session.jwt.expose()).await {
+            Ok(minted) if !minted.is_empty() => {
+                tracing::info!(user_id = %session.user_id, ?minted, "provisioned upstream credentials for tokens created before the gateway");
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(user_id = %session.user_id, error = %e, "could not provision missing upstream credentials; next request retries"),
+        }
         let request_id = parts.extensions.get::<RequestId>().map(|r| r.0.clone()).unwrap_or_default();
         Ok(Caller(Actor { user_id: session.user_id, session: session.jwt, ip: client_ip(&parts.headers), request_id }))
     }

@@ -572,6 +572,7 @@ mod tests {
             (ErrorCode::UpstreamCredentialMissing, Outcome::UpstreamError),
             (ErrorCode::CredentialMisplaced, Outcome::BadRequest),
             (ErrorCode::OwnershipUnavailable, Outcome::PolicyUnavailable),
+            (ErrorCode::NotSupportedUpstream, Outcome::UpstreamError),
         ] {
             r.reason = Some(code.as_str().into());
             assert_eq!(outcome(&r, code.status()), o, "{code:?}");

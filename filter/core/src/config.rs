@@ -58,6 +58,9 @@ struct Raw {
     max_log_bytes: u64,
     #[serde(default)]
     routes: Option<serde_json::Value>,
+    /// Routes of the table to make available (an InfraBox that serves them).
+    #[serde(default)]
+    enable_routes: Vec<String>,
     #[serde(default = "d_rl_cluster")]
     ratelimit_cluster: String,
     #[serde(default = "d_rl_timeout")]
@@ -160,10 +163,11 @@ impl PluginConfig {
         if !(16..=1_000_000).contains(&raw.ownership_cache_entries) {
             return Err(ConfigError("ownership_cache_entries must be between 16 and 1000000".into()));
         }
-        let routes = match &raw.routes {
+        let mut routes = match &raw.routes {
             None => RouteTable::default(),
             Some(v) => RouteTable::from_json(v).map_err(|e| ConfigError(e.to_string()))?,
         };
+        routes.enable(&raw.enable_routes).map_err(|e| ConfigError(e.to_string()))?;
         Ok(Self {
             snapshot_cluster: raw.snapshot_cluster,
             snapshot_authority: raw.snapshot_authority,
@@ -230,6 +234,7 @@ mod tests {
             br#"{"snapshot_secret":"0123456789abcdef","hosts":["https://infrabox.test"]}"#,
             br#"{"snapshot_secret":"0123456789abcdef","hosts":["a"],"grpc_secret":"short"}"#,
             br#"{"snapshot_secret":"0123456789abcdef","hosts":["a"],"auth_failure_limit":0}"#,
+            br#"{"snapshot_secret":"0123456789abcdef","hosts":["a"],"enable_routes":["no.such.route"]}"#,
             b"not json",
         ] {
             assert!(PluginConfig::parse(bad).is_err());

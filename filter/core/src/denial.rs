@@ -25,10 +25,12 @@ pub enum ErrorCode {
     CredentialMisplaced,
     /// Whether a build or job belongs to the project could not be checked.
     OwnershipUnavailable,
+    /// InfraBox cannot perform this route for the gateway (501).
+    NotSupportedUpstream,
 }
 
 impl ErrorCode {
-    pub const ALL: [ErrorCode; 12] = [
+    pub const ALL: [ErrorCode; 13] = [
         ErrorCode::BadPath,
         ErrorCode::InvalidToken,
         ErrorCode::UnknownEndpoint,
@@ -41,6 +43,7 @@ impl ErrorCode {
         ErrorCode::UpstreamCredentialMissing,
         ErrorCode::CredentialMisplaced,
         ErrorCode::OwnershipUnavailable,
+        ErrorCode::NotSupportedUpstream,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -57,6 +60,7 @@ impl ErrorCode {
             ErrorCode::UpstreamCredentialMissing => "upstream_credential_missing",
             ErrorCode::CredentialMisplaced => "credential_misplaced",
             ErrorCode::OwnershipUnavailable => "ownership_unavailable",
+            ErrorCode::NotSupportedUpstream => "not_supported_upstream",
         }
     }
 
@@ -69,6 +73,7 @@ impl ErrorCode {
             ErrorCode::RateLimited => 429,
             ErrorCode::ProjectForbidden | ErrorCode::WriteForbidden | ErrorCode::McpTokenNotAccepted => 403,
             ErrorCode::PolicyUnavailable | ErrorCode::UpstreamCredentialMissing | ErrorCode::OwnershipUnavailable => 503,
+            ErrorCode::NotSupportedUpstream => 501,
         }
     }
 
@@ -81,7 +86,7 @@ impl ErrorCode {
             ErrorCode::RateLimited => "rate_limited",
             ErrorCode::ProjectForbidden | ErrorCode::WriteForbidden | ErrorCode::McpTokenNotAccepted => "forbidden",
             ErrorCode::PolicyUnavailable | ErrorCode::OwnershipUnavailable => "policy_unavailable",
-            ErrorCode::UpstreamCredentialMissing => "upstream_error",
+            ErrorCode::UpstreamCredentialMissing | ErrorCode::NotSupportedUpstream => "upstream_error",
         }
     }
 }

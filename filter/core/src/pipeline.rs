@@ -143,6 +143,10 @@ pub fn admit(head: &RequestHead<'_>, policy: Option<&Policy>, config: &PluginCon
         Err(d) => return Admission::Deny(d),
     };
     match lookup {
+        Lookup::Found { route, .. } if routes.get(route).and_then(|r| r.unavailable()).is_some() => {
+            let why = routes.get(route).and_then(|r| r.unavailable()).unwrap_or_default();
+            Admission::Deny(Denial::new(ErrorCode::NotSupportedUpstream, why))
+        }
         Lookup::Found { route, params } => Admission::Admitted(Admitted {
             grant,
             route,
@@ -229,11 +233,14 @@ pub fn authorize(
         Kind::Write => user.and_then(|u| u.write_credential.as_deref()),
     };
     // Never forward without the user's own credential: InfraBox would
-    // answer 401 and the agent could not tell why.
+    // answer 401 and the agent could not tell why. The gateway mints it
+    // with the owner's session (tokens created before the gateway have
+    // none): retrying alone cannot help.
     let Some(credential) = credential else {
         return Err(Denial::new(
             ErrorCode::UpstreamCredentialMissing,
-            "the gateway holds no InfraBox credential of this kind for the token's user yet; retry shortly",
+            "the gateway holds no InfraBox credential for this token's user: open the token page or call \
+             GET /api/v1/mcp/tokens once with your InfraBox session",
         ));
     };
     Ok(Forward {
@@ -398,9 +405,9 @@ mod tests {
     #[test]
     fn write_uses_the_write_credential() -> Outcome {
         let auth = format!("Bearer {}", tok(2));
-        let f = forwarded(run("POST", &format!("/api/v1/mcp/projects/{PA}/builds/{B1}/restart?x=1"), &[&auth], 10))?;
+        let f = forwarded(run("POST", &format!("/api/v1/mcp/projects/{PA}/builds/{B1}/abort?x=1"), &[&auth], 10))?;
         assert_eq!(f.method, "GET");
-        assert_eq!(f.path, format!("/api/v1/projects/{PA}/builds/{B1}/restart"));
+        assert_eq!(f.path, format!("/api/v1/projects/{PA}/builds/{B1}/abort"));
         assert_eq!(f.credential, "W");
         Ok(())
     }
@@ -548,6 +555,26 @@ mod tests {
         let headers = request_headers("GET", &format!("/api/v1/mcp/projects/{PA}/builds/{B1}/jobs"), HOST, &auth);
         let Admission::Admitted(a) = admit(&RequestHead::new(&headers), Some(&p), &config, 10) else { return Err("not admitted".into()) };
         assert_eq!(a.claim, Some(Claim { project: PA.into(), build: Some(B1.into()), job: None }));
+        Ok(())
+    }
+
+    #[test]
+    fn routes_infrabox_cannot_serve_answer_501_and_forward_nothing() -> Outcome {
+        let p = policy()?;
+        let good = format!("Bearer {}", tok(2));
+        for path in [format!("/builds/{B1}/restart"), format!("/jobs/{B1}/restart"), format!("/jobs/{B1}/rerun")] {
+            let path = format!("/api/v1/mcp/projects/{PA}{path}");
+            let d = denial(run("POST", &path, &[&good], 10))?;
+            assert_eq!((d.code, d.status()), (ErrorCode::NotSupportedUpstream, 501), "{path}");
+            assert!(d.message.contains("InfraBox") && d.message.contains("dashboard"), "{}", d.message);
+            // Authentication still comes first.
+            assert_eq!(code(run("POST", &path, &[], 10))?, ErrorCode::InvalidToken);
+        }
+        // Switched on by the operator, they are forwarded like any write.
+        let config = PluginConfig::parse(br#"{"snapshot_secret":"0123456789abcdef","hosts":["infrabox.test"],"enable_routes":["jobs.rerun"]}"#)
+            .map_err(|e| e.to_string())?;
+        let headers = request_headers("POST", &format!("/api/v1/mcp/projects/{PA}/jobs/{B1}/rerun"), HOST, &[("authorization", &good)]);
+        assert!(matches!(admit(&RequestHead::new(&headers), Some(&p), &config, 10), Admission::Admitted(_)));
         Ok(())
     }
 

@@ -66,6 +66,11 @@ pub struct RouteSpec {
     pub kind: Kind,
     #[serde(default)]
     pub shaping: Shaping,
+    /// Why InfraBox cannot serve this route with any credential the gateway
+    /// may hold; such a route answers 501 `not_supported_upstream` with this
+    /// text, nothing forwarded. `None`: available.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unavailable: Option<String>,
 }
 
 /// A path parameter. Every one is a lowercase UUID.
@@ -140,6 +145,10 @@ impl Route {
     }
     pub fn shaping(&self) -> Shaping {
         self.spec.shaping
+    }
+    /// Why InfraBox cannot serve it, if it cannot.
+    pub fn unavailable(&self) -> Option<&str> {
+        self.spec.unavailable.as_deref()
     }
     pub fn upstream_method(&self) -> &str {
         &self.spec.upstream_method
@@ -241,6 +250,20 @@ impl RouteTable {
         Ok(Self { routes })
     }
 
+    /// Makes the named routes available (an operator whose InfraBox serves
+    /// them); an unknown name is refused.
+    pub fn enable(&mut self, names: &[String]) -> Result<(), RouteTableError> {
+        for name in names {
+            let route = self
+                .routes
+                .iter_mut()
+                .find(|r| r.spec.name == *name)
+                .ok_or_else(|| RouteTableError(format!("enable_routes names no route {name:?}")))?;
+            route.spec.unavailable = None;
+        }
+        Ok(())
+    }
+
     /// Parses a JSON array of [`RouteSpec`] and validates it.
     pub fn from_json(json: &serde_json::Value) -> Result<Self, RouteTableError> {
         let specs: Vec<RouteSpec> =
@@ -327,6 +350,9 @@ fn compile(spec: RouteSpec) -> Result<Route, RouteTableError> {
     if spec.kind == Kind::Write && spec.method == "GET" {
         return Err(err("a write route must not be a GET on the MCP surface".into()));
     }
+    if spec.unavailable.as_deref().is_some_and(|u| u.trim().is_empty() || u.len() > 512) {
+        return Err(err("unavailable must say in 1-512 bytes what InfraBox lacks".into()));
+    }
     Ok(Route { spec, segments, upstream })
 }
 
@@ -385,6 +411,7 @@ pub fn default_specs() -> Vec<RouteSpec> {
     }
     rows.into_iter()
         .map(|(name, method, path, upstream_method, upstream_path, class, kind, shaping)| RouteSpec {
+            unavailable: unavailable_upstream(&name).map(str::to_string),
             name,
             method: method.into(),
             path,
@@ -395,6 +422,25 @@ pub fn default_specs() -> Vec<RouteSpec> {
             shaping,
         })
         .collect()
+}
+
+/// What InfraBox master lacks for the routes it cannot serve with a
+/// global token (`INFRABOX_API.md` §8: HTTP 500 to every global token;
+/// only a user's session works, which the gateway never holds).
+fn unavailable_upstream(name: &str) -> Option<&'static str> {
+    match name {
+        "builds.restart" => Some(
+            "InfraBox cannot restart a build for the gateway: its build restart handler (projects/build.py) treats every \
+             token but a user session as a project token and fails (HTTP 500) for the per-user global token the gateway \
+             uses. Restart the build from the InfraBox dashboard, or trigger a new build.",
+        ),
+        "jobs.restart" | "jobs.rerun" => Some(
+            "InfraBox cannot restart or rerun a job for the gateway: its job restart/rerun handlers (projects/jobs.py) look \
+             the caller up as a project token and fail (HTTP 500) for the per-user global token the gateway uses. Restart \
+             the job from the InfraBox dashboard, or trigger a new build.",
+        ),
+        _ => None,
+    }
 }
 
 #[cfg(test)]
@@ -418,6 +464,8 @@ mod tests {
     fn default_table_is_valid_and_complete() -> TestResult {
         let specs = default_specs();
         assert_eq!(specs.len(), 20);
+        let unavailable: Vec<&str> = specs.iter().filter(|s| s.unavailable.is_some()).map(|s| s.name.as_str()).collect();
+        assert_eq!(unavailable, ["builds.restart", "jobs.restart", "jobs.rerun"]);
         let t = RouteTable::from_specs(specs)?;
         assert_eq!(RouteTable::default().routes().len(), 20);
         assert!(t.routes().iter().filter(|r| r.kind() == Kind::Write).all(|r| r.class() == Class::Write));
@@ -477,6 +525,20 @@ mod tests {
         assert!(RouteTable::from_json(&serde_json::json!([{"name": "x"}])).is_err());
         let json = serde_json::to_value(default_specs())?;
         assert_eq!(RouteTable::from_json(&json)?.routes().len(), 20);
+        let mut bad = default_specs();
+        bad[0].unavailable = Some("  ".into());
+        assert!(refusal(bad)?.contains("unavailable"));
+        Ok(())
+    }
+
+    #[test]
+    fn routes_are_switched_on_by_name() -> TestResult {
+        let mut t = RouteTable::default();
+        t.enable(&["jobs.rerun".to_string()])?;
+        let by = |t: &RouteTable, n: &str| t.routes().iter().find(|r| r.name() == n).and_then(|r| r.unavailable().map(str::to_string));
+        assert_eq!(by(&t, "jobs.rerun"), None);
+        assert!(by(&t, "jobs.restart").is_some_and(|m| m.contains("dashboard")));
+        assert!(t.enable(&["jobs.nope".to_string()]).is_err());
         Ok(())
     }
 }
