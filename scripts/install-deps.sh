@@ -19,6 +19,8 @@ pg_bin=$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n1 || tru
 [ -n "$pg_bin" ] && [ -x "$pg_bin/postgres" ] && [ -x "$pg_bin/initdb" ] || need_apt+=(postgresql)
 command -v redis-server >/dev/null || need_apt+=(redis-server)
 command -v openssl >/dev/null || need_apt+=(openssl)
+# scripts/verify-gateway.sh (and its test) talk HTTP with curl.
+command -v curl >/dev/null || need_apt+=(curl)
 command -v python3 >/dev/null || need_apt+=(python3 python3-venv)
 # `install-deps.sh bench`: the load generator and the instruction counter too.
 if [ "${1:-}" = "bench" ]; then

@@ -98,3 +98,22 @@ pub async fn create_global_token(
     .context("inserting global_token")?;
     Ok(id)
 }
+
+/// InfraBox's schema bookkeeping (`src/db/migrate.py`): the one-row table
+/// `infrabox` holding the schema version its migrations reached.
+pub async fn set_infrabox_schema_version(pool: &PgPool, version: i32) -> Result<()> {
+    sqlx::raw_sql("CREATE TABLE IF NOT EXISTS infrabox (schema_version integer NOT NULL)").execute(pool).await?;
+    sqlx::query("DELETE FROM infrabox").execute(pool).await?;
+    sqlx::query("INSERT INTO infrabox (schema_version) VALUES ($1)").bind(version).execute(pool).await?;
+    Ok(())
+}
+
+/// Runs InfraBox's own 00047 statements for its MCP tables (the fixture
+/// `tests/fixtures/infrabox_00047_mcp.sql`, as InfraBox runs them: plain
+/// `CREATE TABLE`).
+pub async fn apply_infrabox_00047(pool: &PgPool) -> Result<()> {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("fixtures").join("infrabox_00047_mcp.sql");
+    let sql = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    pool.execute(sqlx::raw_sql(&sql)).await.context("InfraBox's migration 00047")?;
+    Ok(())
+}

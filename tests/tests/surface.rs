@@ -91,8 +91,9 @@ async fn routes_infrabox_cannot_serve_are_forwarded_once_switched_on() {
         let r = loop {
             s.infrabox.clear();
             let r = s.send(RawRequest::post(&format!("/api/v1/mcp{path}")).header("Authorization", &format!("Bearer {token}")).json(&json!({}))).await.unwrap();
-            // The write credential may still be on its way to the edge.
-            if r.status != 503 || start.elapsed() > Duration::from_secs(5) {
+            // The grant and the write credential may still be on their way
+            // to the edge (403 write_forbidden, 503 until then).
+            if !matches!(r.status, 403 | 503) || start.elapsed() > Duration::from_secs(5) {
                 break r;
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
