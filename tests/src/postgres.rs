@@ -56,6 +56,11 @@ fn unprivileged_owner() -> Result<Option<(u32, u32)>> {
     Ok(Some((uid, gid)))
 }
 
+/// Whether every existing directory above `path` lets other users through.
+fn traversable_by_others(path: &Path) -> bool {
+    path.ancestors().skip(1).filter_map(|a| std::fs::metadata(a).ok()).all(|m| m.permissions().mode() & 0o001 != 0)
+}
+
 fn as_owner(command: &mut Command, owner: Option<(u32, u32)>) {
     if let Some((uid, gid)) = owner {
         command.uid(uid).gid(gid);
@@ -122,12 +127,19 @@ impl PostgresServer {
         Ok(Self { port, data_dir, process: Mutex::new(process) })
     }
 
-    /// The process-wide server under `target/e2e/<pid>/postgres`, started on first use.
+    /// The process-wide server under `target/e2e/<pid>/postgres`, started on
+    /// first use. When the server runs as the `postgres` user and a
+    /// directory above that is closed to others (a checkout under a
+    /// `mktemp -d` directory, mode 0700), it lives under the system's
+    /// temporary directory instead.
     pub fn shared() -> &'static PostgresServer {
         static SHARED: OnceLock<PostgresServer> = OnceLock::new();
         SHARED.get_or_init(|| {
-            PostgresServer::start(&crate::scratch::process_dir().join("postgres"))
-                .expect("starting the shared Postgres server")
+            let mut base = crate::scratch::process_dir().join("postgres");
+            if unprivileged_owner().ok().flatten().is_some() && !traversable_by_others(&base) {
+                base = std::env::temp_dir().join(format!("mcp-e2e-{}", std::process::id())).join("postgres");
+            }
+            PostgresServer::start(&base).expect("starting the shared Postgres server")
         })
     }
 
