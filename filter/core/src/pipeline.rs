@@ -143,17 +143,17 @@ pub fn admit(head: &RequestHead<'_>, policy: Option<&Policy>, config: &PluginCon
         Err(d) => return Admission::Deny(d),
     };
     match lookup {
-        Lookup::Found { route, .. } if routes.get(route).and_then(|r| r.unavailable()).is_some() => {
-            let why = routes.get(route).and_then(|r| r.unavailable()).unwrap_or_default();
-            Admission::Deny(Denial::new(ErrorCode::NotSupportedUpstream, why))
-        }
-        Lookup::Found { route, params } => Admission::Admitted(Admitted {
-            grant,
-            route,
-            claim: Claim::of(&params),
-            params,
-            query: query.map(str::to_string),
-        }),
+        Lookup::Found { route, params } => match routes.get(route).and_then(|r| r.unavailable()) {
+            // InfraBox cannot serve it: say why, forward nothing.
+            Some(why) => Admission::Deny(Denial::new(ErrorCode::NotSupportedUpstream, why)),
+            None => Admission::Admitted(Admitted {
+                grant,
+                route,
+                claim: Claim::of(&params),
+                params,
+                query: query.map(str::to_string),
+            }),
+        },
         Lookup::MethodNotAllowed { allow } => Admission::Deny(
             Denial::new(ErrorCode::MethodNotAllowed, format!("{} is not allowed here", head.method))
                 .with_header("allow", allow),
