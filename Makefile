@@ -56,8 +56,8 @@ test: build
 	  echo "[test] container variant SKIPPED: no Docker engine answers ($$(printf '%s' "$$v" | tail -n1)); the end-to-end suites run with Envoy as a process only" > $(CONTAINER_NOTE); \
 	fi && cat $(CONTAINER_NOTE)
 	$(CARGO) test -p mcp-gateway-tests -- --test-threads=4
-	@echo "[test] Envoy $(ENVOY_OLDEST), the oldest supported: gateway, surface and attacks suites"
-	ENVOY_VERSION=$(ENVOY_OLDEST) $(CARGO) test -p mcp-gateway-tests --test gateway --test surface --test attacks -- --test-threads=4
+	@echo "[test] Envoy $(ENVOY_OLDEST), the oldest supported: gateway, surface, attacks and MCP endpoint suites"
+	ENVOY_VERSION=$(ENVOY_OLDEST) $(CARGO) test -p mcp-gateway-tests --test gateway --test surface --test attacks --test mcp_endpoint -- --test-threads=4
 	@cat $(CONTAINER_NOTE)
 
 # DESIGN §14, measured in one run: writes bench/results.md and .json.

@@ -56,5 +56,13 @@ if ! [ -x .tools/pyref/bin/python ] || ! .tools/pyref/bin/python -c 'import werk
   python3 -m venv .tools/pyref
   .tools/pyref/bin/pip install -q --disable-pip-version-check "Werkzeug==1.0.1"
 fi
+# The official MCP Python SDK, the real client of tests/tests/mcp_endpoint.rs
+# (tests/mcp/client.py): both protocol revisions, 2026-07-28 and 2025-11-25.
+MCP_SDK_VERSION=2.3.0
+if ! [ -x .tools/mcp-client/bin/python ] || ! .tools/mcp-client/bin/python -c "import importlib.metadata as m; assert m.version('mcp') == '$MCP_SDK_VERSION'" 2>/dev/null; then
+  log "installing mcp==$MCP_SDK_VERSION (the MCP Python SDK) into .tools/mcp-client"
+  python3 -m venv .tools/mcp-client
+  .tools/mcp-client/bin/pip install -q --disable-pip-version-check "mcp==$MCP_SDK_VERSION"
+fi
 for v in ${EXTRA_ENVOY_VERSIONS:-}; do install_envoy "$v"; done
 log "done"

@@ -652,6 +652,7 @@ fn entry(node: &str, vm: &str, seq: u64, start: chrono::DateTime<chrono::Utc>) -
         rate_limit_remaining: None,
         method: "GET".into(),
         path: "/api/v1/mcp/projects".into(),
+        mcp: None,
     };
     let mut fs = std::collections::HashMap::new();
     fs.insert(

@@ -11,7 +11,7 @@
 
 use chrono::{DateTime, NaiveDateTime, Utc};
 use envoy_types::pb::envoy::data::accesslog::v3::HttpAccessLogEntry;
-use mcp_filter_core::audit::{self, AuditRecord, Decision, Outcome, FILTER_STATE_KEY};
+use mcp_filter_core::audit::{self, AuditRecord, Decision, Outcome, FILTER_STATE_KEY, RESULT_FILTER_STATE_KEY};
 use mcp_filter_core::path::{self, Area};
 use prost::Message;
 use serde_json::{json, Value};
@@ -67,17 +67,24 @@ impl AuditRow {
     pub fn from_entry(entry: &HttpAccessLogEntry) -> Result<Self, Skip> {
         let common = entry.common_properties.as_ref().ok_or(Skip::NoRecord)?;
         let any = common.filter_state_objects.get(FILTER_STATE_KEY).ok_or(Skip::NoRecord)?;
-        // Envoy packs wasm filter state as google.protobuf.BytesValue
-        // (StringValue has the same wire shape): field 1 holds the JSON.
-        let bytes = envoy_types::pb::google::protobuf::BytesValue::decode(any.value.as_slice())
-            .map_err(|_| Skip::Invalid(format!("filter state of type {:?} is not a bytes value", type_name(&any.type_url))))?
-            .value;
+        let bytes = filter_state_bytes(any)?;
         let record = AuditRecord::from_json(&bytes).map_err(|e| Skip::Invalid(e.0))?;
+        // A tool call's upstream status (the client got 200 and a tool result).
+        let upstream_status = common
+            .filter_state_objects
+            .get(RESULT_FILTER_STATE_KEY)
+            .and_then(|any| filter_state_bytes(any).ok())
+            .and_then(|b| serde_json::from_slice::<Value>(&b).ok())
+            .and_then(|v| v.get("upstream_status").and_then(Value::as_u64))
+            .and_then(|s| u32::try_from(s).ok());
         let seq = i64::try_from(record.seq).map_err(|_| Skip::Invalid("seq out of range".into()))?;
         let request = entry.request.as_ref();
         let response = entry.response.as_ref();
         let status = response.and_then(|r| r.response_code.as_ref()).map_or(0, |c| c.value);
-        let outcome = audit::outcome(&record, status);
+        let outcome = match (record.decision, upstream_status) {
+            (Decision::Allow, Some(upstream)) => Outcome::of_status(upstream),
+            _ => audit::outcome(&record, status),
+        };
         let accessed_at = common
             .start_time
             .as_ref()
@@ -103,6 +110,9 @@ impl AuditRow {
             .map(|s| cut(&s, MAX_IP));
         let action = match (&record.route, path::area(&record.path)) {
             (Some(route), _) => cut(route, MAX_ROUTE),
+            (None, _) if record.mcp.is_some() => {
+                cut(&format!("mcp.{}", record.mcp.as_ref().map_or("", |m| m.method.as_str())), MAX_ROUTE)
+            }
             (None, Area::Mcp { .. }) => "mcp.unmatched".to_string(),
             (None, _) => "mcp.token_elsewhere".to_string(),
         };
@@ -112,6 +122,16 @@ impl AuditRow {
         });
         if let Some(n) = record.rate_limit_remaining {
             details["rate_limit_remaining"] = json!(n);
+        }
+        if let Some(m) = &record.mcp {
+            // The digest only: argument values may be secrets.
+            let digest = m.arguments_sha256.as_deref().filter(|d| d.len() == 64 && d.bytes().all(|b| b.is_ascii_hexdigit()));
+            details["mcp"] = json!({
+                "method": cut(&m.method, audit::MAX_RPC_METHOD_BYTES),
+                "tool": m.tool.as_deref().map(|t| cut(t, audit::MAX_RPC_METHOD_BYTES)),
+                "arguments_sha256": digest,
+                "upstream_status": upstream_status,
+            });
         }
         if let Some(d) = response.map(|r| r.response_code_details.as_str()).filter(|d| !d.is_empty()) {
             details["response_code_details"] = json!(cut(d, 128));
@@ -143,6 +163,15 @@ impl AuditRow {
             seq,
         })
     }
+}
+
+/// The JSON of a wasm filter state. Envoy packs it as
+/// google.protobuf.BytesValue (StringValue has the same wire shape): field
+/// 1 holds the bytes.
+fn filter_state_bytes(any: &envoy_types::pb::google::protobuf::Any) -> Result<Vec<u8>, Skip> {
+    envoy_types::pb::google::protobuf::BytesValue::decode(any.value.as_slice())
+        .map(|b| b.value)
+        .map_err(|_| Skip::Invalid(format!("filter state of type {:?} is not a bytes value", type_name(&any.type_url))))
 }
 
 /// The last part of a type URL, for messages.
@@ -197,6 +226,7 @@ pub(crate) mod tests {
             rate_limit_remaining: Some(29),
             method: "GET".into(),
             path: "/api/v1/mcp/projects/0b7a4c2e-1f3d-4c5b-9a8e-7d6c5b4a3f21".into(),
+            mcp: None,
         }
     }
 

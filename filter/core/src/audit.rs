@@ -84,7 +84,45 @@ pub struct AuditRecord {
     pub method: String,
     /// The client's path without query, sanitized (before any rewrite).
     pub path: String,
+    /// On the MCP endpoint: the JSON-RPC method, tool and argument digest.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mcp: Option<McpFacts>,
 }
+
+/// What the audit keeps of an MCP endpoint request (DESIGN §15): never an
+/// argument's value (trigger variables may be secrets), only the SHA-256 of
+/// the arguments' canonical JSON.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct McpFacts {
+    /// The JSON-RPC method (at most [`MAX_RPC_METHOD_BYTES`]).
+    pub method: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub arguments_sha256: Option<String>,
+}
+
+/// Longest JSON-RPC method or tool name kept in a record, in bytes.
+pub const MAX_RPC_METHOD_BYTES: usize = 64;
+
+impl McpFacts {
+    /// The facts of a message: method, and for a tool call its name and digest.
+    pub fn of(method: &str, tool: Option<&str>, arguments: Option<&serde_json::Value>) -> Self {
+        use sha2::{Digest, Sha256};
+        let clean = |s: &str| truncate(s, MAX_RPC_METHOD_BYTES).chars().map(|c| if c.is_control() { '?' } else { c }).collect::<String>();
+        Self {
+            method: clean(method),
+            tool: tool.map(clean),
+            arguments_sha256: arguments.map(|a| hex::encode(Sha256::digest(crate::mcp::jsonrpc::canonical(a).as_bytes()))),
+        }
+    }
+}
+
+/// The filter state the filter sets when a tool call's upstream answer
+/// arrives: the status InfraBox answered (the client gets 200 and a tool
+/// result). Envoy logs it as `wasm.mcp_result`.
+pub const RESULT_PROPERTY: &str = "mcp_result";
+pub const RESULT_FILTER_STATE_KEY: &str = "wasm.mcp_result";
 
 impl AuditRecord {
     /// The JSON the filter sets as filter state.
@@ -143,6 +181,7 @@ pub struct RequestFacts {
     pub project: Option<String>,
     pub token_id: Option<String>,
     pub user_id: Option<String>,
+    pub mcp: Option<McpFacts>,
 }
 
 impl RequestFacts {
@@ -185,10 +224,18 @@ impl RequestFacts {
 
     /// The record for this request with its verdict.
     pub fn record(&self, origin: &VmOrigin, seq: u64, verdict: Verdict<'_>, rate_limit_remaining: Option<u32>) -> AuditRecord {
-        let (decision, reason) = match verdict {
-            Verdict::Forward => (Decision::Allow, None),
-            Verdict::Deny(d) => (Decision::Deny, Some(d.code.as_str().to_string())),
+        let reason = match verdict {
+            Verdict::Forward => None,
+            Verdict::Deny(d) => Some(d.code.as_str()),
         };
+        self.record_reason(origin, seq, reason, rate_limit_remaining)
+    }
+
+    /// The record for this request: allowed (`reason` `None`) or denied
+    /// with the error code or JSON-RPC error name `reason`.
+    pub fn record_reason(&self, origin: &VmOrigin, seq: u64, reason: Option<&str>, rate_limit_remaining: Option<u32>) -> AuditRecord {
+        let decision = if reason.is_some() { Decision::Deny } else { Decision::Allow };
+        let reason = reason.map(str::to_string);
         AuditRecord {
             schema: SCHEMA,
             node_id: origin.node_id.clone(),
@@ -204,6 +251,7 @@ impl RequestFacts {
             rate_limit_remaining,
             method: self.method.clone(),
             path: self.path.clone(),
+            mcp: self.mcp.clone(),
         }
     }
 }

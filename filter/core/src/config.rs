@@ -40,6 +40,14 @@ pub struct PluginConfig {
     pub audit_coalesce_seconds: u32,
     /// Confirmed build/job ownerships kept per VM.
     pub ownership_cache_entries: u32,
+    /// The MCP endpoint (DESIGN §17): largest JSON-RPC request body (413 past it).
+    pub mcp_max_body_bytes: u32,
+    /// Largest upstream answer a tool result carries (a tool error past it).
+    pub mcp_max_result_bytes: u32,
+    /// Largest artifact a tool result embeds (base64; a tool error past it).
+    pub mcp_max_artifact_bytes: u32,
+    /// Documentation link of the RFC 9728 resource metadata, if any.
+    pub documentation_url: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -76,6 +84,14 @@ struct Raw {
     audit_coalesce_seconds: u32,
     #[serde(default = "d_ownership_cache")]
     ownership_cache_entries: u32,
+    #[serde(default = "d_mcp_body")]
+    mcp_max_body_bytes: u32,
+    #[serde(default = "d_mcp_result")]
+    mcp_max_result_bytes: u32,
+    #[serde(default = "d_mcp_result")]
+    mcp_max_artifact_bytes: u32,
+    #[serde(default)]
+    documentation_url: Option<String>,
 }
 
 fn d_cluster() -> String {
@@ -110,6 +126,12 @@ fn d_coalesce() -> u32 {
 }
 fn d_ownership_cache() -> u32 {
     16_384
+}
+fn d_mcp_body() -> u32 {
+    64 << 10
+}
+fn d_mcp_result() -> u32 {
+    1 << 20
 }
 
 /// Why a configuration was refused. Never contains the snapshot secret.
@@ -163,6 +185,18 @@ impl PluginConfig {
         if !(16..=1_000_000).contains(&raw.ownership_cache_entries) {
             return Err(ConfigError("ownership_cache_entries must be between 16 and 1000000".into()));
         }
+        if !(1024..=1 << 20).contains(&raw.mcp_max_body_bytes) {
+            return Err(ConfigError("mcp_max_body_bytes must be between 1024 and 1048576".into()));
+        }
+        // Envoy buffers a tool's whole upstream answer (per_connection_buffer_limit_bytes).
+        if !(1024..=3 << 20).contains(&raw.mcp_max_result_bytes) || !(1024..=2 << 20).contains(&raw.mcp_max_artifact_bytes) {
+            return Err(ConfigError(
+                "mcp_max_result_bytes must be between 1024 and 3145728, mcp_max_artifact_bytes between 1024 and 2097152".into(),
+            ));
+        }
+        if raw.documentation_url.as_deref().is_some_and(|u| !(u.starts_with("https://") || u.starts_with("http://")) || u.len() > 512 || u.contains('"')) {
+            return Err(ConfigError("documentation_url must be an http(s) URL of at most 512 bytes".into()));
+        }
         let mut routes = match &raw.routes {
             None => RouteTable::default(),
             Some(v) => RouteTable::from_json(v).map_err(|e| ConfigError(e.to_string()))?,
@@ -184,6 +218,10 @@ impl PluginConfig {
             auth_failure_window_seconds: raw.auth_failure_window_seconds,
             audit_coalesce_seconds: raw.audit_coalesce_seconds,
             ownership_cache_entries: raw.ownership_cache_entries,
+            mcp_max_body_bytes: raw.mcp_max_body_bytes,
+            mcp_max_result_bytes: raw.mcp_max_result_bytes,
+            mcp_max_artifact_bytes: raw.mcp_max_artifact_bytes,
+            documentation_url: raw.documentation_url,
         })
     }
 }

@@ -27,10 +27,14 @@ pub enum ErrorCode {
     OwnershipUnavailable,
     /// InfraBox cannot perform this route for the gateway (501).
     NotSupportedUpstream,
+    /// An MCP endpoint body over `mcp_max_body_bytes` (413).
+    RequestTooLarge,
+    /// An MCP endpoint body that is not `application/json` (415).
+    UnsupportedMediaType,
 }
 
 impl ErrorCode {
-    pub const ALL: [ErrorCode; 13] = [
+    pub const ALL: [ErrorCode; 15] = [
         ErrorCode::BadPath,
         ErrorCode::InvalidToken,
         ErrorCode::UnknownEndpoint,
@@ -44,6 +48,8 @@ impl ErrorCode {
         ErrorCode::CredentialMisplaced,
         ErrorCode::OwnershipUnavailable,
         ErrorCode::NotSupportedUpstream,
+        ErrorCode::RequestTooLarge,
+        ErrorCode::UnsupportedMediaType,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -61,6 +67,8 @@ impl ErrorCode {
             ErrorCode::CredentialMisplaced => "credential_misplaced",
             ErrorCode::OwnershipUnavailable => "ownership_unavailable",
             ErrorCode::NotSupportedUpstream => "not_supported_upstream",
+            ErrorCode::RequestTooLarge => "request_too_large",
+            ErrorCode::UnsupportedMediaType => "unsupported_media_type",
         }
     }
 
@@ -74,13 +82,18 @@ impl ErrorCode {
             ErrorCode::ProjectForbidden | ErrorCode::WriteForbidden | ErrorCode::McpTokenNotAccepted => 403,
             ErrorCode::PolicyUnavailable | ErrorCode::UpstreamCredentialMissing | ErrorCode::OwnershipUnavailable => 503,
             ErrorCode::NotSupportedUpstream => 501,
+            ErrorCode::RequestTooLarge => 413,
+            ErrorCode::UnsupportedMediaType => 415,
         }
     }
 
     /// Audit outcome (DESIGN §10 / issue "Audit").
     pub fn outcome(self) -> &'static str {
         match self {
-            ErrorCode::BadPath | ErrorCode::CredentialMisplaced => "bad_request",
+            ErrorCode::BadPath
+            | ErrorCode::CredentialMisplaced
+            | ErrorCode::RequestTooLarge
+            | ErrorCode::UnsupportedMediaType => "bad_request",
             ErrorCode::InvalidToken => "unauthorized",
             ErrorCode::UnknownEndpoint | ErrorCode::MethodNotAllowed => "not_found",
             ErrorCode::RateLimited => "rate_limited",

@@ -166,7 +166,7 @@ pub fn admit(head: &RequestHead<'_>, policy: Option<&Policy>, config: &PluginCon
 
 /// Step 2: the bearer token must be well formed, known, and not expired.
 /// Revoked tokens are absent from the policy, so they are unknown.
-fn authenticate(authorization: &[&str], policy: &Policy, now: i64) -> Result<u32, Denial> {
+pub fn authenticate(authorization: &[&str], policy: &Policy, now: i64) -> Result<u32, Denial> {
     let invalid = |m: &str| Denial::new(ErrorCode::InvalidToken, m);
     let value = match credential::bearer(authorization) {
         Bearer::Value(v) => v,

@@ -15,7 +15,7 @@ use std::cell::RefCell;
 use std::collections::hash_map::RandomState;
 use std::hash::{BuildHasher, Hasher};
 
-use mcp_filter_core::audit::{AuditRecord, RequestFacts, Verdict, VmOrigin, PROPERTY};
+use mcp_filter_core::audit::{AuditRecord, RequestFacts, VmOrigin, PROPERTY, RESULT_PROPERTY};
 use proxy_wasm::hostcalls;
 use proxy_wasm::types::MetricType;
 
@@ -75,8 +75,9 @@ fn random_vm_id() -> String {
     format!("{:016x}{:016x}", word(1), word(2))
 }
 
-/// Records the final decision on the current request.
-pub fn record(facts: &RequestFacts, verdict: Verdict<'_>, rate_limit_remaining: Option<u32>) {
+/// Records the final decision on the current request (`reason`: `None`
+/// for a forwarded or answered request, else the denial's code).
+pub fn record(facts: &RequestFacts, reason: Option<&str>, rate_limit_remaining: Option<u32>) {
     // One record per request: a second decision on the same stream would
     // overwrite the first record and leave its number missing (a false gap).
     if already_recorded() {
@@ -91,7 +92,7 @@ pub fn record(facts: &RequestFacts, verdict: Verdict<'_>, rate_limit_remaining: 
     STATE.with(|cell| {
         let mut guard = cell.borrow_mut();
         let state = guard.get_or_insert_with(AuditState::new);
-        let record: AuditRecord = facts.record(&state.origin, state.next_seq, verdict, rate_limit_remaining);
+        let record: AuditRecord = facts.record_reason(&state.origin, state.next_seq, reason, rate_limit_remaining);
         match host::set_filter_state(PROPERTY, &record.to_json()) {
             Ok(()) => {
                 state.next_seq += 1;
@@ -103,6 +104,15 @@ pub fn record(facts: &RequestFacts, verdict: Verdict<'_>, rate_limit_remaining: 
             }
         }
     });
+}
+
+/// Records the upstream status of a tool call (the client got 200 and a
+/// tool result); the control plane takes the row's outcome from it.
+pub fn record_result(upstream_status: u32) {
+    let json = format!("{{\"upstream_status\":{upstream_status}}}");
+    if let Err(status) = host::set_filter_state(RESULT_PROPERTY, json.as_bytes()) {
+        log::warn!("cannot set the tool result filter state (status {status})");
+    }
 }
 
 fn increment(id: u32) {

@@ -26,7 +26,7 @@ use proxy_wasm::types::ContextType;
 use crate::host;
 use crate::limiter::{self, Callouts};
 use crate::metrics::Metrics;
-use crate::request::{self, HeldRequest, McpRequest};
+use crate::request::{self, McpRequest, SharedExchange};
 
 const BACKOFF_MIN_MS: i64 = 250;
 /// How long after a callout's deadline the watchdog steps in.
@@ -45,7 +45,7 @@ pub struct Shared {
     pub policy: RefCell<Option<Rc<Policy>>>,
     pub metrics: RefCell<Metrics>,
     /// Requests paused on their rate-limit callout.
-    pub callouts: RefCell<Callouts<HeldRequest>>,
+    pub callouts: RefCell<Callouts<SharedExchange>>,
     /// Build/job ownership this VM has confirmed.
     pub ownership: RefCell<OwnershipCache>,
     /// Repeated denials being counted.
@@ -174,12 +174,11 @@ impl Root {
             Ok(mut c) if !c.is_empty() => c.overdue(now, i64::from(cfg.ratelimit_timeout_ms) + WATCHDOG_GRACE_MS),
             _ => return,
         };
-        for (context_id, held) in overdue {
+        for (context_id, exchange) in overdue {
             if hostcalls::set_effective_context(context_id).is_err() {
                 continue;
             }
-            let (decision, ownership) = limiter::degrade(&self.shared.metrics(), &held.key, now, "no answer before the deadline");
-            request::finish(&self.shared, held, decision, ownership, true);
+            request::finish_overdue(&self.shared, context_id, &exchange);
         }
         let _ = hostcalls::set_effective_context(self.context_id);
     }

@@ -74,12 +74,8 @@ pub fn send_response(status: u32, headers: Vec<(&str, &str)>, body: &[u8]) {
     }
 }
 
-/// Host clock in unix seconds (0 if the host cannot tell, which denies by
-/// expiry nothing and is logged).
-pub fn now_unix() -> i64 {
-    now_unix_ms() / 1000
-}
-
+/// Host clock in unix milliseconds (0 if the host cannot tell, which
+/// denies by expiry nothing and is logged).
 pub fn now_unix_ms() -> i64 {
     match hostcalls::get_current_time() {
         Ok(t) => t.duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0),
@@ -110,10 +106,12 @@ pub fn set_response_header(name: &str, value: Option<&str>) {
     }
 }
 
-pub fn response_body(size: usize) -> Option<Bytes> {
-    hostcalls::get_buffer(proxy_wasm::types::BufferType::HttpResponseBody, 0, size)
-        .ok()
-        .flatten()
+/// Replaces the whole buffered request body.
+pub fn replace_request_body(value: &[u8]) {
+    // Envoy replaces the whole buffer for start 0 and a size at least its length.
+    if let Err(e) = hostcalls::set_buffer(proxy_wasm::types::BufferType::HttpRequestBody, 0, u32::MAX as usize, value) {
+        log::warn!("cannot set request body: {e:?}");
+    }
 }
 
 /// Replaces `size` bytes at `start` of the buffered response body.

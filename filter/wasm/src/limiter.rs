@@ -5,56 +5,23 @@
 //!
 //! Shared data belongs to the VM id, so every worker of one Envoy shares the
 //! local windows; updates use compare-and-swap. The same windows count
-//! failed authentications per client address ([`auth_failure`]).
+//! failed authentications per client address (the core asks through its `Host`).
 //!
 //! The callout also carries the ownership check of the request's builds and
 //! jobs ([`mcp_filter_core::ownership`]); in degraded mode ownership is
 //! unknown unless this VM confirmed it before.
 
-use std::cell::Cell;
 use std::collections::HashMap;
 use std::time::Duration;
 
 use mcp_filter_core::config::PluginConfig;
-use mcp_filter_core::ownership::{Claim, Ownership};
-use mcp_filter_core::pipeline::{self, Admitted};
+use mcp_filter_core::exchange::{LimitAnswer, LimitKey};
+use mcp_filter_core::ownership::Claim;
 use mcp_filter_core::rls;
-use mcp_filter_core::route::{Class, RouteTable};
-use mcp_filter_core::policy::Policy;
 use mcp_filter_core::window::{Decision, SlidingWindow};
 use proxy_wasm::hostcalls;
 use proxy_wasm::types::{BufferType, Status};
 
-use crate::metrics::Metrics;
-
-/// Whose budget a request counts against, and the limit from the snapshot.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct LimitKey {
-    pub user: String,
-    pub class: Class,
-    pub limit: u32,
-    pub window_seconds: u32,
-}
-
-impl LimitKey {
-    /// The key of an admitted request (`None` if its grant or user is
-    /// missing from the policy, which `admit` rules out).
-    pub fn of(admitted: &Admitted, policy: &Policy, routes: &RouteTable) -> Option<Self> {
-        let grant = policy.grant(admitted.grant)?;
-        let user = policy.user(grant.user)?;
-        let class = pipeline::class_of(admitted, routes);
-        Some(Self {
-            user: user.id.to_string(),
-            class,
-            limit: policy.limit(class),
-            window_seconds: policy.limits.window_seconds,
-        })
-    }
-
-    fn shared_data_key(&self) -> String {
-        format!("mcp_rl:{{{}}}:{}", self.user, self.class.as_str())
-    }
-}
 
 /// Starts the `ShouldRateLimit` callout (with the ownership descriptor when
 /// `claim` is given); the answer arrives in the request context's
@@ -74,49 +41,28 @@ pub fn ask_service(config: &PluginConfig, key: &LimitKey, claim: Option<&Claim>)
 
 /// Reads the service's answer to a finished callout: the limit decision
 /// (`None`: the service could not decide it) and the ownership verdict.
-pub fn read_answer(status_code: u32, response_size: usize) -> Result<(Option<Decision>, Ownership), String> {
+pub fn read_answer(status_code: u32, response_size: usize) -> LimitAnswer {
     if status_code != 0 {
-        return Err(format!("rate-limit service answered gRPC status {status_code}"));
+        return LimitAnswer::Failed(format!("rate-limit service answered gRPC status {status_code}"));
     }
     let body = hostcalls::get_buffer(BufferType::GrpcReceiveBuffer, 0, response_size)
         .ok()
         .flatten()
         .unwrap_or_default();
-    rls::decode_response(&body)
-        .map(|a| (a.limit.map(Decision::from), a.ownership))
-        .map_err(|e| format!("unreadable rate-limit answer: {e}"))
-}
-
-/// Degraded mode: counts the service failure and decides with the local
-/// window of this Envoy instance (ownership is then unknown).
-pub fn degrade(metrics: &Metrics, key: &LimitKey, now_ms: i64, why: &str) -> (Decision, Ownership) {
-    thread_local! {
-        // One VM is single-threaded: at most one warning per VM per second.
-        static LAST_WARNING_MS: Cell<i64> = const { Cell::new(i64::MIN) };
+    match rls::decode_response(&body) {
+        Ok(a) => match a.limit {
+            Some(v) => LimitAnswer::Decided(Decision::from(v), a.ownership),
+            None => LimitAnswer::StoreFailed(a.ownership),
+        },
+        Err(e) => LimitAnswer::Failed(format!("unreadable rate-limit answer: {e}")),
     }
-    LAST_WARNING_MS.with(|last| {
-        if now_ms.saturating_sub(last.get()) >= 1000 {
-            last.set(now_ms);
-            log::warn!("rate-limit service unavailable ({why}); deciding locally (counted in mcp_ratelimit_degraded)");
-        }
-    });
-    Metrics::inc(metrics.ratelimit_rls_errors);
-    Metrics::inc(metrics.ratelimit_degraded);
-    (local_window(&key.shared_data_key(), key.limit, key.window_seconds, now_ms), Ownership::Unknown)
-}
-
-/// One failed authentication from `address`: allowed (answer 401) while
-/// fewer than the configured number failed in the window, else denied
-/// (answer 429) and not counted.
-pub fn auth_failure(config: &PluginConfig, address: &str, now_ms: i64) -> Decision {
-    local_window(&format!("mcp_af:{address}"), config.auth_failure_limit, config.auth_failure_window_seconds, now_ms)
 }
 
 /// Compare-and-swap attempts before the last computed decision stands.
 const CAS_ATTEMPTS: usize = 16;
 
 /// One decision of a local sliding window in shared data under `name`.
-fn local_window(name: &str, limit: u32, window_seconds: u32, now_ms: i64) -> Decision {
+pub fn local_window(name: &str, limit: u32, window_seconds: u32, now_ms: i64) -> Decision {
     let now = u64::try_from(now_ms).unwrap_or(0);
     let window_ms = u64::from(window_seconds).saturating_mul(1000);
     let mut last = Decision { allowed: true, remaining: 0, reset_ms: window_ms };

@@ -33,6 +33,8 @@ pub struct Metrics {
     pub audit_summaries_dropped: u32,
     /// Requests whose build or job belongs to another project (or none).
     pub ownership_refuted: u32,
+    /// JSON-RPC messages the MCP endpoint read.
+    pub mcp_messages: u32,
 }
 
 impl Metrics {
@@ -58,6 +60,7 @@ impl Metrics {
             audit_summaries_sent: c("mcp_audit_summaries_sent"),
             audit_summaries_dropped: c("mcp_audit_summaries_dropped"),
             ownership_refuted: c("mcp_ownership_refuted"),
+            mcp_messages: c("mcp_endpoint_messages"),
         }
     }
 

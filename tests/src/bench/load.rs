@@ -64,7 +64,26 @@ impl Load {
 
     /// `GET path` with `headers` against `addr`.
     pub fn run(&self, addr: SocketAddr, path: &str, headers: &[(&str, &str)]) -> Result<LoadResult> {
-        let out = self.command(addr, path, headers).output().context("running wrk (apt-get install wrk)")?;
+        self.finish(self.command(addr, path, headers))
+    }
+
+    /// `POST path` with `headers` and `body` against `addr` (a wrk script
+    /// sets the method and body).
+    pub fn run_post(&self, addr: SocketAddr, path: &str, headers: &[(&str, &str)], body: &str) -> Result<LoadResult> {
+        if body.contains("]==]") {
+            bail!("the body cannot be quoted in the wrk script");
+        }
+        let script = std::env::temp_dir().join(format!("mcp-bench-post-{}.lua", std::process::id()));
+        std::fs::write(&script, format!("wrk.method = \"POST\"\nwrk.body = [==[{body}]==]\n"))?;
+        let mut cmd = self.command(addr, path, headers);
+        cmd.arg("-s").arg(&script);
+        let result = self.finish(cmd);
+        let _ = std::fs::remove_file(&script);
+        result
+    }
+
+    fn finish(&self, mut cmd: Command) -> Result<LoadResult> {
+        let out = cmd.output().context("running wrk (apt-get install wrk)")?;
         if !out.status.success() {
             bail!("wrk failed: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
         }

@@ -59,6 +59,7 @@ fn entry(vm: &str, seq: u64, start_us: i64) -> HttpAccessLogEntry {
         rate_limit_remaining: Some(17),
         method: "GET".into(),
         path: "/api/v1/mcp/projects/0b7a4c2e-1f3d-4c5b-9a8e-7d6c5b4a3f21/builds".into(),
+        mcp: None,
     };
     let mut fs = HashMap::new();
     fs.insert(

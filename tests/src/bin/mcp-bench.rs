@@ -122,6 +122,17 @@ async fn main() -> Result<()> {
         bail!("allowed MCP requests were refused ({} of {}): rate limit or policy interfered", allowed.1.non_2xx, allowed.1.requests);
     }
 
+    eprintln!("[bench] the MCP endpoint: tools/call and tools/list against no-filter Envoy");
+    let call_body = json!({"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {"name": "get_project", "arguments": {"project_id": project.to_string()}}}).to_string();
+    let list_body = json!({"jsonrpc": "2.0", "id": 1, "method": "tools/list"}).to_string();
+    let mcp_headers: &[(&str, &str)] = &[("authorization", &bearer), ("content-type", "application/json"), ("mcp-protocol-version", "2025-11-25")];
+    let tool_call = alternate_posts(&load, s.rounds, (&baseline, mcp_headers, &call_body), (&filter, mcp_headers, &call_body))?;
+    let tool_call_latency = alternate_posts(&single, s.rounds, (&baseline, mcp_headers, &call_body), (&filter, mcp_headers, &call_body))?;
+    let tool_list = alternate_posts(&load, s.rounds, (&baseline, mcp_headers, &list_body), (&filter, mcp_headers, &list_body))?;
+    if tool_call.1.non_2xx > 0 || tool_list.1.non_2xx > 0 {
+        bail!("MCP endpoint requests were refused ({} / {} non-2xx)", tool_call.1.non_2xx, tool_list.1.non_2xx);
+    }
+
     eprintln!("[bench] ownership of builds and jobs");
     let (_, jobs) = stack.infrabox.add_build(project).await?;
     let job_path = format!("/api/v1/mcp/projects/{project}/jobs/{}/testruns", jobs[1]);
@@ -177,6 +188,16 @@ async fn main() -> Result<()> {
             },
             "project_route_throughput_ratio": ratio(&allowed.0, &allowed.1),
             "first_request": first_request,
+        },
+        "mcp_endpoint": {
+            "tools_call": pair_json(&tool_call, ratio(&tool_call.0, &tool_call.1)),
+            "tools_call_one_connection": {
+                "baseline": tool_call_latency.0, "filter": tool_call_latency.1,
+                "added_p50_ms": tool_call_latency.1.p50_ms - tool_call_latency.0.p50_ms,
+                "added_p99_ms": tool_call_latency.1.p99_ms - tool_call_latency.0.p99_ms,
+            },
+            "tools_call_vs_rest": tool_call.1.requests_per_second / allowed.1.requests_per_second,
+            "tools_list": pair_json(&tool_list, ratio(&tool_list.0, &tool_list.1)),
         },
         "flood": flood,
         "token_scale": scale,
@@ -363,6 +384,22 @@ fn alternate_paths(load: &Load, rounds: usize, base: Side<'_>, filt: Side<'_>) -
     for _ in 0..rounds {
         b.push(load.run(base.0.listen, base.1, base.2)?);
         f.push(load.run(filt.0.listen, filt.1, filt.2)?);
+    }
+    Ok((median(&b), median(&f)))
+}
+
+/// One side of a POST comparison: the Envoy, headers and body (to `/api/v1/mcp`).
+type PostSide<'a> = (&'a BenchEnvoy, &'a [(&'a str, &'a str)], &'a str);
+
+/// Alternates baseline and filter POST runs to the MCP endpoint; medians.
+fn alternate_posts(load: &Load, rounds: usize, base: PostSide<'_>, filt: PostSide<'_>) -> Result<(LoadResult, LoadResult)> {
+    let warm = Load { connections: load.connections, duration: Duration::from_secs(1) };
+    warm.run_post(base.0.listen, "/api/v1/mcp", base.1, base.2)?;
+    warm.run_post(filt.0.listen, "/api/v1/mcp", filt.1, filt.2)?;
+    let (mut b, mut f) = (Vec::new(), Vec::new());
+    for _ in 0..rounds {
+        b.push(load.run_post(base.0.listen, "/api/v1/mcp", base.1, base.2)?);
+        f.push(load.run_post(filt.0.listen, "/api/v1/mcp", filt.1, filt.2)?);
     }
     Ok((median(&b), median(&f)))
 }
@@ -569,6 +606,37 @@ fn table(r: &Value) -> Vec<Row> {
         "allowed MCP request, 8 connections: added p99",
         format!("{:.3} ms ({:.3} vs {:.3})", f(&a["added_p99_ms"]), f(&a["filter"]["p99_ms"]), f(&a["baseline"]["p99_ms"])),
         "(saturated: queueing)",
+        None,
+    ));
+    let m = &r["mcp_endpoint"];
+    let (tc, tl, t1) = (&m["tools_call"], &m["tools_list"], &m["tools_call_one_connection"]);
+    rows.push(Row::new(
+        "MCP endpoint: allowed tools/call (get_project), 8 connections",
+        format!(
+            "{:.2}× of no-filter Envoy ({:.0} vs {:.0} req/s); {:.2}× the same REST call through the filter",
+            f(&tc["throughput_ratio"]),
+            f(&tc["filter"]["requests_per_second"]),
+            f(&tc["baseline"]["requests_per_second"]),
+            f(&m["tools_call_vs_rest"])
+        ),
+        "",
+        None,
+    ));
+    rows.push(Row::new(
+        "MCP endpoint: allowed tools/call, one connection: added p50 / p99",
+        format!("{:.3} / {:.3} ms", f(&t1["added_p50_ms"]), f(&t1["added_p99_ms"])),
+        "",
+        None,
+    ));
+    rows.push(Row::new(
+        "MCP endpoint: tools/list (answered at the edge), 8 connections",
+        format!(
+            "{:.2}× of no-filter Envoy proxying the same POST ({:.0} vs {:.0} req/s)",
+            f(&tl["throughput_ratio"]),
+            f(&tl["filter"]["requests_per_second"]),
+            f(&tl["baseline"]["requests_per_second"])
+        ),
+        "",
         None,
     ));
     let ow = &r["ownership"];
