@@ -312,6 +312,68 @@ async fn last_good_snapshot_survives_a_control_plane_outage() {
     s.wait_until_status(&token2, &path, 200).await;
 }
 
+/// The maximum policy age: while the control plane is away the last good
+/// snapshot serves until it is `max_policy_age_seconds` old, then MCP
+/// requests (REST and the MCP endpoint) fail closed with 503
+/// `policy_stale`; other traffic flows; the age is exported; recovery is
+/// back within a poll of the control plane's return.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_policy_older_than_its_maximum_age_fails_mcp_closed() {
+    let mut s = Stack::start(StackOptions {
+        snapshot_wait_seconds: 2,
+        plugin: json!({"max_policy_age_seconds": 10}),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let (user, projects) = s.user_with_projects("otto", 1).await.unwrap();
+    let path = format!("/api/v1/mcp/projects/{}", projects[0]);
+    let (_, token) = s.create_token(user, json!({}), 30).await.unwrap();
+    s.wait_until_status(&token, &path, 200).await;
+
+    s.control_plane.stop().unwrap();
+    let stopped = Instant::now();
+    let mut served = 0;
+    let stale_after = loop {
+        let r = s.mcp_get(&token, &path).await.unwrap();
+        match r.status {
+            200 => served += 1,
+            503 => {
+                assert_error(&r, 503, "policy_stale");
+                break stopped.elapsed();
+            }
+            other => panic!("unexpected {other} during the outage: {}", r.text()),
+        }
+        assert!(stopped.elapsed() < Duration::from_secs(20), "still served after 20 s without the control plane");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    println!("served {served} requests, then policy_stale {stale_after:?} after the control plane stopped");
+    assert!(stale_after >= Duration::from_secs(8), "stale too early: {stale_after:?}");
+    assert!(served > 10, "the last good snapshot served meanwhile");
+    assert!(s.envoy.stat("wasmcustom.mcp_snapshot_age_seconds").unwrap_or(0) >= 10, "the age is exported");
+    let r = s
+        .send(
+            RawRequest::post("/api/v1/mcp")
+                .header("Authorization", &format!("Bearer {token}"))
+                .header("Content-Type", "application/json")
+                .body(r#"{"jsonrpc":"2.0","id":1,"method":"tools/list"}"#),
+        )
+        .await
+        .unwrap();
+    assert_error(&r, 503, "policy_stale");
+    s.infrabox.clear();
+    let r = s.send(RawRequest::get("/api/v1/settings").header("Authorization", "Bearer eyJx")).await.unwrap();
+    assert_eq!(r.status, 200, "non-MCP traffic is unaffected: {}", r.text());
+    let r = s.send(RawRequest::get("/api/v1/settings").header("Authorization", &format!("Bearer {token}"))).await.unwrap();
+    assert_error(&r, 403, "mcp_token_not_accepted");
+    assert_eq!(s.infrabox.requests().len(), 1);
+
+    s.control_plane.restart().unwrap();
+    let back = Instant::now();
+    s.wait_until_status(&token, &path, 200).await;
+    println!("served again {:?} after the control plane restarted", back.elapsed());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_any_snapshot_mcp_paths_get_503_and_other_traffic_flows() {
     let s = Stack::start(StackOptions { control_plane: false, ..Default::default() }).await.unwrap();

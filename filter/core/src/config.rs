@@ -48,6 +48,10 @@ pub struct PluginConfig {
     pub mcp_max_artifact_bytes: u32,
     /// Documentation link of the RFC 9728 resource metadata, if any.
     pub documentation_url: Option<String>,
+    /// Past this many seconds without the control plane confirming the
+    /// snapshot, MCP requests fail closed (503 `policy_stale`): revocations
+    /// cannot reach the edge while it is away.
+    pub max_policy_age_seconds: u32,
 }
 
 #[derive(Deserialize)]
@@ -92,6 +96,8 @@ struct Raw {
     mcp_max_artifact_bytes: u32,
     #[serde(default)]
     documentation_url: Option<String>,
+    #[serde(default)]
+    max_policy_age_seconds: Option<u32>,
 }
 
 fn d_cluster() -> String {
@@ -126,6 +132,11 @@ fn d_coalesce() -> u32 {
 }
 fn d_ownership_cache() -> u32 {
     16_384
+}
+/// The default maximum policy age: 5 minutes, or three long-poll rounds
+/// if those are longer.
+fn d_max_policy_age(snapshot_wait_seconds: u32) -> u32 {
+    snapshot_wait_seconds.saturating_mul(3).max(300)
 }
 fn d_mcp_body() -> u32 {
     64 << 10
@@ -197,6 +208,14 @@ impl PluginConfig {
         if raw.documentation_url.as_deref().is_some_and(|u| !(u.starts_with("https://") || u.starts_with("http://")) || u.len() > 512 || u.contains('"')) {
             return Err(ConfigError("documentation_url must be an http(s) URL of at most 512 bytes".into()));
         }
+        // At least a few long-poll rounds, so one slow poll never trips it.
+        let min_age = raw.snapshot_wait_seconds.saturating_mul(2).max(10);
+        let max_policy_age_seconds = raw.max_policy_age_seconds.unwrap_or_else(|| d_max_policy_age(raw.snapshot_wait_seconds));
+        if !(min_age..=86_400).contains(&max_policy_age_seconds) {
+            return Err(ConfigError(format!(
+                "max_policy_age_seconds must be between {min_age} (twice snapshot_wait_seconds, at least 10) and 86400"
+            )));
+        }
         let mut routes = match &raw.routes {
             None => RouteTable::default(),
             Some(v) => RouteTable::from_json(v).map_err(|e| ConfigError(e.to_string()))?,
@@ -222,6 +241,7 @@ impl PluginConfig {
             mcp_max_result_bytes: raw.mcp_max_result_bytes,
             mcp_max_artifact_bytes: raw.mcp_max_artifact_bytes,
             documentation_url: raw.documentation_url,
+            max_policy_age_seconds,
         })
     }
 }

@@ -27,6 +27,8 @@ pub enum ErrorCode {
     OwnershipUnavailable,
     /// InfraBox cannot perform this route for the gateway (501).
     NotSupportedUpstream,
+    /// The policy is older than `max_policy_age_seconds` (control plane away).
+    PolicyStale,
     /// An MCP endpoint body over `mcp_max_body_bytes` (413).
     RequestTooLarge,
     /// An MCP endpoint body that is not `application/json` (415).
@@ -34,7 +36,7 @@ pub enum ErrorCode {
 }
 
 impl ErrorCode {
-    pub const ALL: [ErrorCode; 15] = [
+    pub const ALL: [ErrorCode; 16] = [
         ErrorCode::BadPath,
         ErrorCode::InvalidToken,
         ErrorCode::UnknownEndpoint,
@@ -48,6 +50,7 @@ impl ErrorCode {
         ErrorCode::CredentialMisplaced,
         ErrorCode::OwnershipUnavailable,
         ErrorCode::NotSupportedUpstream,
+        ErrorCode::PolicyStale,
         ErrorCode::RequestTooLarge,
         ErrorCode::UnsupportedMediaType,
     ];
@@ -67,6 +70,7 @@ impl ErrorCode {
             ErrorCode::CredentialMisplaced => "credential_misplaced",
             ErrorCode::OwnershipUnavailable => "ownership_unavailable",
             ErrorCode::NotSupportedUpstream => "not_supported_upstream",
+            ErrorCode::PolicyStale => "policy_stale",
             ErrorCode::RequestTooLarge => "request_too_large",
             ErrorCode::UnsupportedMediaType => "unsupported_media_type",
         }
@@ -80,7 +84,10 @@ impl ErrorCode {
             ErrorCode::MethodNotAllowed => 405,
             ErrorCode::RateLimited => 429,
             ErrorCode::ProjectForbidden | ErrorCode::WriteForbidden | ErrorCode::McpTokenNotAccepted => 403,
-            ErrorCode::PolicyUnavailable | ErrorCode::UpstreamCredentialMissing | ErrorCode::OwnershipUnavailable => 503,
+            ErrorCode::PolicyUnavailable
+            | ErrorCode::PolicyStale
+            | ErrorCode::UpstreamCredentialMissing
+            | ErrorCode::OwnershipUnavailable => 503,
             ErrorCode::NotSupportedUpstream => 501,
             ErrorCode::RequestTooLarge => 413,
             ErrorCode::UnsupportedMediaType => 415,
@@ -98,7 +105,7 @@ impl ErrorCode {
             ErrorCode::UnknownEndpoint | ErrorCode::MethodNotAllowed => "not_found",
             ErrorCode::RateLimited => "rate_limited",
             ErrorCode::ProjectForbidden | ErrorCode::WriteForbidden | ErrorCode::McpTokenNotAccepted => "forbidden",
-            ErrorCode::PolicyUnavailable | ErrorCode::OwnershipUnavailable => "policy_unavailable",
+            ErrorCode::PolicyUnavailable | ErrorCode::PolicyStale | ErrorCode::OwnershipUnavailable => "policy_unavailable",
             ErrorCode::UpstreamCredentialMissing | ErrorCode::NotSupportedUpstream => "upstream_error",
         }
     }

@@ -53,6 +53,8 @@ pub trait Host {
 pub struct Vm<'a> {
     pub config: Option<Rc<PluginConfig>>,
     pub policy: Option<Rc<Policy>>,
+    /// Milliseconds since the control plane last confirmed `policy`.
+    pub policy_age_ms: i64,
     pub ownership: &'a mut OwnershipCache,
     pub coalescer: &'a mut Coalescer,
 }
@@ -255,7 +257,10 @@ impl Exchange {
         let Some(config) = vm.config.clone() else {
             return self.deny(Denial::new(ErrorCode::PolicyUnavailable, "the gateway is not configured"), None, None, vm, host);
         };
-        let policy = vm.policy.clone();
+        // A policy the control plane has not confirmed for too long is no
+        // policy for MCP requests (the decision order stays admit's).
+        let stale = vm.policy.is_some() && vm.policy_age_ms > i64::from(config.max_policy_age_seconds).saturating_mul(1000);
+        let policy = if stale { None } else { vm.policy.clone() };
         let now = host.now_ms() / 1000;
         if head.on_infrabox(&config) {
             let before_query = head.path.split_once('?').map_or(head.path, |(p, _)| p);
@@ -266,12 +271,15 @@ impl Exchange {
                 return self.endpoint_head(&head, end_of_stream, policy, config, vm, host);
             }
         }
-        let admission = pipeline::admit(&head, policy.as_deref(), &config, now);
+        let admission = match pipeline::admit(&head, policy.as_deref(), &config, now) {
+            Admission::Deny(d) if stale && d.code == ErrorCode::PolicyUnavailable => Admission::Deny(policy_stale(&config, vm.policy_age_ms)),
+            other => other,
+        };
         if admission == Admission::PassThrough {
             self.state = State::Done;
             return Step::go();
         }
-        self.facts = RequestFacts::describe(&head, policy.as_deref(), &config.routes, head.on_infrabox(&config));
+        self.facts = RequestFacts::describe(&head, vm.policy.as_deref(), &config.routes, head.on_infrabox(&config));
         self.admitted(admission, policy, config, headers.clone(), vm, host)
     }
 
@@ -511,7 +519,7 @@ impl Exchange {
         vm: &mut Vm<'_>,
         host: &dyn Host,
     ) -> Step {
-        self.facts = RequestFacts::describe(head, policy.as_deref(), &config.routes, true);
+        self.facts = RequestFacts::describe(head, vm.policy.as_deref(), &config.routes, true);
         if head.method != "POST" {
             // No server-initiated streams (GET) and no sessions (DELETE).
             let d = Denial::new(ErrorCode::MethodNotAllowed, "the MCP endpoint takes POST (JSON responses; no streams, no sessions)")
@@ -526,7 +534,12 @@ impl Exchange {
             return self.deny(d, None, None, vm, host);
         }
         let Some(policy) = policy else {
-            let d = Denial::new(ErrorCode::PolicyUnavailable, "the gateway has not received its policy yet; retry shortly");
+            // No policy here but one in the VM: it is too old.
+            let d = if vm.policy.is_some() {
+                policy_stale(&config, vm.policy_age_ms)
+            } else {
+                Denial::new(ErrorCode::PolicyUnavailable, "the gateway has not received its policy yet; retry shortly")
+            };
             return self.deny(d, None, None, vm, host);
         };
         let authorization: Vec<&str> = head.values("authorization").collect();
@@ -818,6 +831,18 @@ fn scope_hint(policy: &Policy, grant: u32, now: i64) -> Option<String> {
     } else {
         format!("this token may access projects {} (list_projects shows them)", projects.join(", "))
     })
+}
+
+fn policy_stale(config: &PluginConfig, age_ms: i64) -> Denial {
+    Denial::new(
+        ErrorCode::PolicyStale,
+        format!(
+            "the gateway has not heard from its control plane for {} s (more than {} s), so revocations may be missing; \
+             MCP requests are refused until it is back — retry shortly",
+            age_ms / 1000,
+            config.max_policy_age_seconds
+        ),
+    )
 }
 
 fn too_large(max: u64) -> Denial {

@@ -1,6 +1,8 @@
-//! The local sliding window (DESIGN §9, degraded mode): an exact sliding log
-//! of admission times for one (user, class), kept per Envoy instance when
-//! the rate-limit service cannot answer. Host-agnostic: the proxy-wasm
+//! The local sliding window (DESIGN §9, degraded mode) for one (user,
+//! class), kept per Envoy instance when the rate-limit service cannot
+//! answer: an exact sliding log for the usual limits, bucketed counts above
+//! [`EXACT_MAX_LIMIT`], never over the limit and bounded in bytes and work
+//! whatever the limit. Host-agnostic: the proxy-wasm
 //! adapter stores [`SlidingWindow::encode`]d bytes in shared data and
 //! updates them with compare-and-swap.
 //!
@@ -52,19 +54,108 @@ impl Decision {
     }
 }
 
-/// Admission times (milliseconds, ascending) of one (user, class).
+/// Bytes per stored admission time (the exact form).
+const ENTRY: usize = 8;
+
+/// Up to this limit the window is an exact log of admission times
+/// (at most `EXACT_MAX_LIMIT` × 8 bytes); above it, counts per bucket.
+pub const EXACT_MAX_LIMIT: u32 = 64;
+/// Buckets per window in the counting form.
+const BUCKETS: u64 = 20;
+/// Slots kept: a window of `BUCKETS` buckets rounded up overlaps at most
+/// one more.
+const SLOTS: usize = BUCKETS as usize + 1;
+/// First byte of the counting form (its length, 101, is no multiple of 8,
+/// so it is never mistaken for a log).
+const COUNTING_TAG: u8 = 0xB7;
+/// Bytes of the counting form: tag, bucket width, newest bucket, counts.
+pub const COUNTING_BYTES: usize = 1 + 8 + 8 + SLOTS * 4;
+
+/// One (user, class) of the local window: never admits more than the limit
+/// in any window, in a bounded number of bytes whatever the limit.
+///
+/// - Limits up to [`EXACT_MAX_LIMIT`]: the exact sliding log (admission
+///   times, ascending) — the same decisions as the rate-limit service.
+/// - Larger limits: admissions counted per bucket of 1/20 of the window;
+///   a bucket counts for as long as any instant of it is inside the window
+///   (as if every admission in it were at its end), so the count is never
+///   below the true one: never over the limit, at worst one bucket width
+///   late to free a slot. [`COUNTING_BYTES`] (101) bytes, O(21) per decision.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct SlidingWindow {
+    /// The exact form (sorted).
     times: Vec<u64>,
+    /// The counting form, when in use.
+    counting: Option<Counting>,
 }
 
-/// Bytes per stored admission time.
-const ENTRY: usize = 8;
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Counting {
+    bucket_ms: u64,
+    /// Index (time / bucket_ms) of the newest bucket.
+    newest: u64,
+    /// Counts by bucket index modulo [`SLOTS`].
+    counts: [u32; SLOTS],
+}
+
+impl Counting {
+    fn new(bucket_ms: u64, newest: u64) -> Self {
+        Self { bucket_ms, newest, counts: [0; SLOTS] }
+    }
+
+    fn slot(&mut self, bucket: u64) -> Option<&mut u32> {
+        self.counts.get_mut(usize::try_from(bucket % SLOTS as u64).unwrap_or(0))
+    }
+
+    /// Moves the newest bucket forward to `bucket`, clearing what it passes.
+    fn advance(&mut self, bucket: u64) {
+        if bucket <= self.newest {
+            return;
+        }
+        let steps = (bucket - self.newest).min(SLOTS as u64);
+        for b in bucket + 1 - steps..=bucket {
+            if let Some(c) = self.slot(b) {
+                *c = 0;
+            }
+        }
+        self.newest = bucket;
+    }
+
+    /// (admissions counted at `now`, the oldest counted bucket).
+    fn count(&self, now_ms: u64, window_ms: u64) -> (u64, Option<u64>) {
+        let first = self.newest.saturating_sub(SLOTS as u64 - 1);
+        let mut total = 0u64;
+        let mut oldest = None;
+        for b in first..=self.newest {
+            // Bucket b spans [b·w, (b+1)·w): it counts while its end is
+            // past now - window.
+            let end = b.saturating_add(1).saturating_mul(self.bucket_ms);
+            if end.saturating_add(window_ms) <= now_ms {
+                continue;
+            }
+            let n = self.counts.get(usize::try_from(b % SLOTS as u64).unwrap_or(0)).copied().unwrap_or(0);
+            if n > 0 {
+                total += u64::from(n);
+                oldest.get_or_insert(b);
+            }
+        }
+        (total, oldest)
+    }
+}
 
 impl SlidingWindow {
     /// Reads stored bytes. Tolerant: a trailing partial entry is dropped and
     /// the times are sorted, so corrupt shared data cannot break a request.
     pub fn decode(bytes: &[u8]) -> Self {
+        if bytes.len() == COUNTING_BYTES && bytes.first() == Some(&COUNTING_TAG) {
+            let word = |at: usize| bytes.get(at..at + 8).and_then(|b| <[u8; 8]>::try_from(b).ok()).map_or(0, u64::from_le_bytes);
+            let mut c = Counting::new(word(1).max(1), word(9));
+            for (i, slot) in c.counts.iter_mut().enumerate() {
+                let at = 17 + i * 4;
+                *slot = bytes.get(at..at + 4).and_then(|b| <[u8; 4]>::try_from(b).ok()).map_or(0, u32::from_le_bytes);
+            }
+            return Self { times: Vec::new(), counting: Some(c) };
+        }
         let mut times: Vec<u64> = bytes
             .chunks_exact(ENTRY)
             .map(|c| {
@@ -74,10 +165,20 @@ impl SlidingWindow {
             })
             .collect();
         times.sort_unstable();
-        Self { times }
+        Self { times, counting: None }
     }
 
     pub fn encode(&self) -> Vec<u8> {
+        if let Some(c) = &self.counting {
+            let mut out = Vec::with_capacity(COUNTING_BYTES);
+            out.push(COUNTING_TAG);
+            out.extend_from_slice(&c.bucket_ms.to_le_bytes());
+            out.extend_from_slice(&c.newest.to_le_bytes());
+            for n in &c.counts {
+                out.extend_from_slice(&n.to_le_bytes());
+            }
+            return out;
+        }
         let mut out = Vec::with_capacity(self.times.len() * ENTRY);
         for t in &self.times {
             out.extend_from_slice(&t.to_le_bytes());
@@ -87,21 +188,72 @@ impl SlidingWindow {
 
     /// Requests counted in the window (after the last [`decide`](Self::decide)).
     pub fn len(&self) -> usize {
-        self.times.len()
+        match &self.counting {
+            Some(c) => c.counts.iter().map(|n| *n as usize).sum(),
+            None => self.times.len(),
+        }
     }
 
     pub fn is_empty(&self) -> bool {
-        self.times.is_empty()
+        self.len() == 0
     }
 
-    /// Decides one request at `now_ms`: drops times older than the window
-    /// (a request at `t` counts while `now - t < window`), admits only under
-    /// `limit` and records only admissions.
+    /// Decides one request at `now_ms`: admits only under `limit` in the
+    /// window and records only admissions.
     pub fn decide(&mut self, now_ms: u64, limit: u32, window_ms: u64) -> Decision {
+        if limit <= EXACT_MAX_LIMIT {
+            if let Some(c) = self.counting.take() {
+                self.times = log_of(&c, limit);
+            }
+            return self.decide_exact(now_ms, limit, window_ms);
+        }
+        let bucket_ms = window_ms.div_ceil(BUCKETS).max(1);
+        let bucket = now_ms / bucket_ms;
+        let mut c = match self.counting.take() {
+            Some(c) if c.bucket_ms == bucket_ms => c,
+            // Another window (or the exact form): everything counted so far
+            // counts as admitted in the newest bucket, which never undercounts.
+            other => {
+                let carried = other.map_or(self.times.len() as u64, |c| c.counts.iter().map(|n| u64::from(*n)).sum());
+                let newest = self.times.last().map_or(bucket, |t| (t / bucket_ms).max(bucket));
+                let mut fresh = Counting::new(bucket_ms, newest);
+                if let Some(slot) = fresh.slot(newest) {
+                    *slot = u32::try_from(carried).unwrap_or(u32::MAX);
+                }
+                self.times.clear();
+                fresh
+            }
+        };
+        // A clock that steps back counts into the newest bucket.
+        c.advance(bucket);
+        let at = bucket.max(c.newest);
+        let (count, _) = c.count(now_ms, window_ms);
+        let allowed = count < u64::from(limit);
+        if allowed {
+            if let Some(slot) = c.slot(at) {
+                *slot = slot.saturating_add(1);
+            }
+        }
+        let (_, oldest) = c.count(now_ms, window_ms);
+        let reset_ms = oldest.map_or(window_ms, |b| {
+            b.saturating_add(1).saturating_mul(bucket_ms).saturating_add(window_ms).saturating_sub(now_ms)
+        });
+        let remaining = if allowed { u64::from(limit).saturating_sub(count + 1) } else { 0 };
+        self.counting = Some(c);
+        Decision { allowed, remaining: u32::try_from(remaining).unwrap_or(u32::MAX), reset_ms }
+    }
+
+    /// The exact sliding log: a request at `t` counts while `now - t < window`.
+    fn decide_exact(&mut self, now_ms: u64, limit: u32, window_ms: u64) -> Decision {
         let cutoff = now_ms.saturating_sub(window_ms);
         // Keep t > now - window; when now < window nothing can be that old.
         let keep_from = if now_ms >= window_ms { self.times.partition_point(|t| *t <= cutoff) } else { 0 };
         self.times.drain(..keep_from);
+        // Bounded whatever was stored: only the newest `limit` can matter.
+        if self.times.len() > limit as usize {
+            let excess = self.times.len() - limit as usize;
+            self.times.drain(..excess);
+        }
         let count = self.times.len();
         let allowed = count < limit as usize;
         if allowed {
@@ -116,6 +268,25 @@ impl SlidingWindow {
         let remaining = if allowed { (limit as usize).saturating_sub(count + 1) } else { 0 };
         Decision { allowed, remaining: u32::try_from(remaining).unwrap_or(u32::MAX), reset_ms }
     }
+}
+
+/// The counting form as a log for a small limit: each bucket's admissions
+/// at the bucket's end (never earlier than they were), the newest `limit`.
+fn log_of(c: &Counting, limit: u32) -> Vec<u64> {
+    let mut times = Vec::new();
+    let first = c.newest.saturating_sub(SLOTS as u64 - 1);
+    for b in (first..=c.newest).rev() {
+        let n = c.counts.get(usize::try_from(b % SLOTS as u64).unwrap_or(0)).copied().unwrap_or(0);
+        let end = b.saturating_add(1).saturating_mul(c.bucket_ms).saturating_sub(1);
+        for _ in 0..n.min(limit) {
+            if times.len() >= limit as usize {
+                break;
+            }
+            times.push(end);
+        }
+    }
+    times.sort_unstable();
+    times
 }
 
 #[cfg(test)]
@@ -164,6 +335,37 @@ mod tests {
         assert!(w.decide(61_000, 10, 60_000).allowed);
         assert!(!w.decide(61_000, 10, 60_000).allowed);
         assert_eq!(w.len(), 10);
+    }
+
+    #[test]
+    fn a_huge_limit_stays_small_and_frees_slots_within_a_bucket_of_exact() {
+        let window = 60_000;
+        let mut bytes = Vec::new();
+        for i in 0..5_000u64 {
+            let mut w = SlidingWindow::decode(&bytes);
+            assert!(w.decide(1_000_000 + i, 1_000_000, window).allowed);
+            bytes = w.encode();
+            assert_eq!(bytes.len(), COUNTING_BYTES, "bytes grow with the limit");
+        }
+        // A limit of 100 over the counting form: full at 100, then freed no
+        // later than a bucket (3 s) after the exact log would.
+        let mut w = SlidingWindow::default();
+        for i in 0..100 {
+            assert!(w.decide(10_000 + i, 100, window).allowed, "request {i}");
+        }
+        assert!(!w.decide(20_000, 100, window).allowed);
+        let exact_free = 10_000 + window;
+        assert!(!w.decide(exact_free - 1, 100, window).allowed);
+        assert!(w.decide(exact_free + 3_000, 100, window).allowed, "freed within one bucket of the exact time");
+        // Denied answers say when to retry: never before a slot frees.
+        let mut w = SlidingWindow::default();
+        for i in 0..65 {
+            w.decide(5_000 + i, 65, window);
+        }
+        let d = w.decide(6_000, 65, window);
+        assert!(!d.allowed);
+        assert!(d.reset_ms >= 5_000 + window - 6_000, "{d:?}");
+        assert!(w.decide(6_000 + d.reset_ms, 65, window).allowed);
     }
 
     #[test]
@@ -219,6 +421,56 @@ mod tests {
                 bytes = w.encode();
                 prop_assert_eq!(got, model.decide(now, limit, window), "at {}", now);
                 prop_assert!(w.len() <= limit as usize);
+            }
+        }
+
+        /// Large limits (the counting form), the state through shared-data
+        /// bytes, the limit and window changing now and then: never more
+        /// than the limit admitted in any window, and always the same
+        /// number of bytes.
+        #[test]
+        fn counting_never_admits_over_the_limit(
+            limits in proptest::collection::vec(prop_oneof![65u32..90, 1u32..64], 1..4),
+            window in 20u64..3_000,
+            gaps in proptest::collection::vec(0u64..120, 1..400),
+        ) {
+            let mut bytes = Vec::new();
+            let mut admitted: Vec<(u64, u32)> = Vec::new();
+            let mut now = 10_000u64;
+            for (i, gap) in gaps.iter().enumerate() {
+                now += gap;
+                let limit = limits[(i / 100) % limits.len()];
+                let mut w = SlidingWindow::decode(&bytes);
+                let d = w.decide(now, limit, window);
+                bytes = w.encode();
+                if limit > EXACT_MAX_LIMIT {
+                    prop_assert_eq!(bytes.len(), COUNTING_BYTES);
+                } else {
+                    prop_assert!(bytes.len() <= limit as usize * 8);
+                }
+                if d.allowed {
+                    admitted.push((now, limit));
+                    let in_window = admitted.iter().filter(|(t, _)| *t + window > now && *t <= now).count();
+                    prop_assert!(in_window as u32 <= limit, "{} admitted in one window at {} (limit {})", in_window, now, limit);
+                }
+            }
+        }
+
+        /// A host clock that steps back: no panic, still bounded (whether a
+        /// window was kept cannot be judged on a clock that moved back).
+        #[test]
+        fn a_clock_stepping_back_stays_bounded(
+            limit in prop_oneof![1u32..64, 65u32..2_000_000],
+            steps in proptest::collection::vec(-200i64..200, 1..200),
+        ) {
+            let mut bytes = Vec::new();
+            let mut now = 100_000i64;
+            for step in steps {
+                now = (now + step).max(0);
+                let mut w = SlidingWindow::decode(&bytes);
+                let _ = w.decide(now as u64, limit, 1_000);
+                bytes = w.encode();
+                prop_assert!(bytes.len() <= COUNTING_BYTES.max(EXACT_MAX_LIMIT as usize * 8));
             }
         }
 

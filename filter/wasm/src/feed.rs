@@ -11,7 +11,7 @@
 //! sends the coalesced denial rows ([`mcp_filter_core::coalesce`]) to the
 //! control plane's internal listener, one batch at a time.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::rc::Rc;
 use std::time::Duration;
 
@@ -50,6 +50,8 @@ pub struct Shared {
     pub ownership: RefCell<OwnershipCache>,
     /// Repeated denials being counted.
     pub coalescer: RefCell<Coalescer>,
+    /// When the control plane last confirmed the policy (unix ms; 0: never).
+    pub last_contact_ms: Cell<i64>,
 }
 
 impl Default for Shared {
@@ -61,6 +63,7 @@ impl Default for Shared {
             callouts: RefCell::default(),
             ownership: RefCell::new(OwnershipCache::new(16)),
             coalescer: RefCell::new(Coalescer::new(0)),
+            last_contact_ms: Cell::new(0),
         }
     }
 }
@@ -233,6 +236,7 @@ impl Root {
     fn succeeded(&mut self) {
         self.poll.backoff_ms = 0;
         self.poll.last_contact_ms = host::now_unix_ms();
+        self.shared.last_contact_ms.set(self.poll.last_contact_ms);
         self.poll.next_at_ms = 0;
         self.report_age();
     }

@@ -103,7 +103,9 @@ fn drive(
 fn with_vm<T>(shared: &Shared, f: impl FnOnce(&mut Vm<'_>) -> T) -> Option<T> {
     let mut ownership = shared.ownership.try_borrow_mut().ok()?;
     let mut coalescer = shared.coalescer.try_borrow_mut().ok()?;
-    let mut vm = Vm { config: shared.config(), policy: shared.policy(), ownership: &mut ownership, coalescer: &mut coalescer };
+    let contact = shared.last_contact_ms.get();
+    let policy_age_ms = if contact > 0 { (host::now_unix_ms() - contact).max(0) } else { 0 };
+    let mut vm = Vm { config: shared.config(), policy: shared.policy(), policy_age_ms, ownership: &mut ownership, coalescer: &mut coalescer };
     Some(f(&mut vm))
 }
 

@@ -156,6 +156,7 @@ async fn main() -> Result<()> {
     eprintln!("[bench] wasm size and instructions per request");
     let wasm_bytes = std::fs::metadata(wasm_path()).map(|m| m.len()).context("the built .wasm")?;
     let instructions = instructions_per_request()?;
+    let degraded_window = degraded_window_cost(s.smoke);
 
     let ratio = |b: &LoadResult, f: &LoadResult| f.requests_per_second / b.requests_per_second;
     let results = json!({
@@ -206,6 +207,7 @@ async fn main() -> Result<()> {
         "services": services,
         "wasm_bytes": wasm_bytes,
         "core_instructions_per_request": instructions,
+        "degraded_window": degraded_window,
         "wall_seconds": started.elapsed().as_secs(),
     });
     all_measured(&results).map_err(anyhow::Error::msg)?;
@@ -513,6 +515,45 @@ fn services(smoke: bool) -> Result<Value> {
     Ok(Value::Object(out))
 }
 
+/// Degraded mode's local window (issue "Failure drills": bounded whatever
+/// the limit): one decision as the filter makes it — decode the shared-data
+/// bytes, decide, encode — on a window kept full at the limit, for limits
+/// of 10, 10 000 and 1 000 000. The cost at 10 is the baseline.
+fn degraded_window_cost(smoke: bool) -> Value {
+    use mcp_filter_core::window::SlidingWindow;
+    let window_ms = 60_000u64;
+    let mut out = serde_json::Map::new();
+    let mut base_ns = 0.0;
+    for limit in [10u32, 10_000, 1_000_000] {
+        // Fill the window to the limit (spread over its first half), then
+        // time decisions that find it full.
+        let mut bytes = Vec::new();
+        let fill = u64::from(limit).min(if smoke { 20_000 } else { 2_000_000 });
+        let mut w = SlidingWindow::decode(&bytes);
+        for i in 0..fill {
+            w.decide(1_000_000 + i * (window_ms / 2) / fill.max(1), limit, window_ms);
+        }
+        bytes = w.encode();
+        let n: u32 = if smoke { 2_000 } else { 200_000 };
+        let started = Instant::now();
+        for i in 0..n {
+            let mut w = SlidingWindow::decode(&bytes);
+            let d = w.decide(1_000_000 + window_ms / 2 + u64::from(i % 1000), limit, window_ms);
+            std::hint::black_box(d);
+            bytes = w.encode();
+        }
+        let ns = started.elapsed().as_nanos() as f64 / f64::from(n);
+        if limit == 10 {
+            base_ns = ns;
+        }
+        out.insert(
+            limit.to_string(),
+            json!({"ns_per_decision": ns, "bytes": bytes.len(), "ratio_to_limit_10": if base_ns > 0.0 { ns / base_ns } else { 1.0 }}),
+        );
+    }
+    Value::Object(out)
+}
+
 /// The core pipeline's instructions per request under callgrind: two runs
 /// per case that differ only in the number of requests.
 fn instructions_per_request() -> Result<Value> {
@@ -607,6 +648,23 @@ fn table(r: &Value) -> Vec<Row> {
         format!("{:.3} ms ({:.3} vs {:.3})", f(&a["added_p99_ms"]), f(&a["filter"]["p99_ms"]), f(&a["baseline"]["p99_ms"])),
         "(saturated: queueing)",
         None,
+    ));
+    let dw = &r["degraded_window"];
+    rows.push(Row::new(
+        "degraded mode: one local-window decision (decode, decide, encode) at limits 10 / 10 000 / 1 000 000",
+        format!(
+            "{:.0} / {:.0} / {:.0} ns ({:.1}× / {:.1}× of limit 10); {} / {} / {} bytes",
+            f(&dw["10"]["ns_per_decision"]),
+            f(&dw["10000"]["ns_per_decision"]),
+            f(&dw["1000000"]["ns_per_decision"]),
+            f(&dw["10000"]["ratio_to_limit_10"]),
+            f(&dw["1000000"]["ratio_to_limit_10"]),
+            dw["10"]["bytes"],
+            dw["10000"]["bytes"],
+            dw["1000000"]["bytes"]
+        ),
+        "bounded whatever the limit",
+        Some(f(&dw["1000000"]["bytes"]) <= 512.0 && f(&dw["1000000"]["ratio_to_limit_10"]) < 10.0),
     ));
     let m = &r["mcp_endpoint"];
     let (tc, tl, t1) = (&m["tools_call"], &m["tools_list"], &m["tools_call_one_connection"]);

@@ -102,6 +102,7 @@ fn config() -> Outcome<Rc<PluginConfig>> {
 
 struct Rig {
     policy: Option<Rc<Policy>>,
+    policy_age_ms: i64,
     config: Rc<PluginConfig>,
     ownership: OwnershipCache,
     coalescer: Coalescer,
@@ -109,11 +110,17 @@ struct Rig {
 
 impl Rig {
     fn new() -> Outcome<Self> {
-        Ok(Self { policy: Some(policy()?), config: config()?, ownership: OwnershipCache::new(16), coalescer: Coalescer::new(0) })
+        Ok(Self { policy: Some(policy()?), policy_age_ms: 0, config: config()?, ownership: OwnershipCache::new(16), coalescer: Coalescer::new(0) })
     }
 
     fn vm(&mut self) -> Vm<'_> {
-        Vm { config: Some(self.config.clone()), policy: self.policy.clone(), ownership: &mut self.ownership, coalescer: &mut self.coalescer }
+        Vm {
+            config: Some(self.config.clone()),
+            policy: self.policy.clone(),
+            policy_age_ms: self.policy_age_ms,
+            ownership: &mut self.ownership,
+            coalescer: &mut self.coalescer,
+        }
     }
 }
 
@@ -509,5 +516,146 @@ fn a_secret_in_the_body_is_refused_in_every_spelling() -> Outcome {
         assert_eq!((status, b["error"].as_str()), (400, Some("credential_misplaced")), "{body}");
         assert!(ask(&step).is_none(), "nothing goes on");
     }
+    Ok(())
+}
+
+mod never_panics {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    /// JSON-RPC-shaped bodies built from the parts an attacker varies.
+    fn message() -> impl Strategy<Value = Vec<u8>> {
+        let name = prop_oneof![
+            Just("get_job_log".to_string()),
+            Just("trigger_build".to_string()),
+            Just("download_job_artifacts".to_string()),
+            "[a-z_]{0,12}",
+        ];
+        let value = prop_oneof![
+            Just(json!(PA)),
+            Just(json!(J1)),
+            Just(json!(null)),
+            any::<i64>().prop_map(|n| json!(n)),
+            any::<f64>().prop_map(|f| json!(f)),
+            ".{0,40}".prop_map(|s| json!(s)),
+            Just(json!([{"name": "A", "value": "b"}])),
+            Just(json!({"nested": [1, {"x": "y"}]})),
+        ];
+        let key = prop_oneof![
+            Just("project_id".to_string()),
+            Just("job_id".to_string()),
+            Just("max_bytes".to_string()),
+            Just("filename".to_string()),
+            Just("branch_or_sha".to_string()),
+            Just("env".to_string()),
+            "[a-z_]{1,8}",
+        ];
+        let method = prop_oneof![
+            Just("tools/call"),
+            Just("tools/list"),
+            Just("initialize"),
+            Just("server/discover"),
+            Just("ping"),
+            Just("notifications/initialized"),
+            Just("x"),
+        ];
+        (method, name, proptest::collection::btree_map(key, value, 0..6), any::<bool>(), any::<bool>()).prop_map(
+            |(method, name, args, with_id, modern)| {
+                let mut params = json!({"name": name, "arguments": args});
+                if modern {
+                    params["_meta"] = json!({"io.modelcontextprotocol/protocolVersion": "2026-07-28", "io.modelcontextprotocol/clientCapabilities": {}});
+                }
+                let mut m = json!({"jsonrpc": "2.0", "method": method, "params": params});
+                if with_id {
+                    m["id"] = json!(1);
+                }
+                serde_json::to_vec(&m).unwrap_or_default()
+            },
+        )
+    }
+
+    fn body() -> impl Strategy<Value = Vec<u8>> {
+        prop_oneof![message(), proptest::collection::vec(any::<u8>(), 0..300)]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 600, ..ProptestConfig::default() })]
+
+        /// Any body, any answer, any response: every step ends the request
+        /// (a reply) or waits for something that will come; nothing panics.
+        #[test]
+        fn any_body_through_every_state(
+            body in body(),
+            trigger in any::<bool>(),
+            answer in 0u8..4,
+            status in prop_oneof![Just("200"), Just("404"), Just("500"), Just("abc")],
+            upstream in proptest::collection::vec(any::<u8>(), 0..5000),
+            split in 0usize..5000,
+        ) {
+            let mut rig = Rig::new().map_err(TestCaseError::fail)?;
+            let mut ex = Exchange::new();
+            let token = if trigger { tok(2) } else { tok(1) };
+            let step = mcp_step(&mut rig, &mut ex, &token, &body, &[("mcp-protocol-version", "2026-07-28")]);
+            if ask(&step).is_none() {
+                prop_assert!(reply(&step).is_some() || step.effects.iter().any(|e| matches!(e, Effect::Reply { .. })), "neither a reply nor a callout: {:?}", step);
+                return Ok(());
+            }
+            let answer = match answer {
+                0 => LimitAnswer::Decided(allowed(), Ownership::Confirmed),
+                1 => LimitAnswer::Decided(Decision { allowed: false, remaining: 0, reset_ms: 10 }, Ownership::Confirmed),
+                2 => LimitAnswer::StoreFailed(Ownership::Refuted),
+                _ => LimitAnswer::Failed("x".into()),
+            };
+            let host = MockHost::new(b"");
+            let step = ex.on_limit(answer, &mut rig.vm(), &host);
+            if reply(&step).is_some() {
+                return Ok(());
+            }
+            prop_assert_eq!(step.flow, Flow::Continue);
+            ex.on_response_headers(Some(status), Some(upstream.len() as u64), Some("application/json"), false);
+            let cut = split.min(upstream.len());
+            *host.response_body.borrow_mut() = upstream[..cut].to_vec();
+            let first = ex.on_response_body(cut, false, &host);
+            let kept: usize = cut - first.effects.iter().map(|e| match e { Effect::ReplaceResponseBody { len, .. } => *len, _ => 0 }).sum::<usize>();
+            let mut rest = host.response_body.borrow()[..0].to_vec();
+            rest.extend_from_slice(&upstream[cut - kept.min(cut)..]);
+            let size = rest.len();
+            *host.response_body.borrow_mut() = rest;
+            let last = ex.on_response_body(size, true, &host);
+            let result = last.effects.iter().find_map(|e| match e {
+                Effect::ReplaceResponseBody { bytes, .. } if !bytes.is_empty() => serde_json::from_slice::<Value>(bytes).ok(),
+                _ => None,
+            });
+            let result = result.ok_or_else(|| TestCaseError::fail("no tool result"))?;
+            prop_assert_eq!(&result["jsonrpc"], "2.0");
+            prop_assert!(result["result"]["isError"].is_boolean(), "{}", result);
+        }
+    }
+}
+
+#[test]
+fn a_stale_policy_fails_mcp_closed_and_leaves_the_rest_alone() -> Outcome {
+    let mut rig = Rig::new()?;
+    let host = MockHost::new(b"");
+    let auth = format!("Bearer {}", tok(1));
+    let max_ms = i64::from(rig.config.max_policy_age_seconds) * 1000;
+    rig.policy_age_ms = max_ms;
+    let path = format!("/api/v1/mcp/projects/{PA}");
+    let step = Exchange::new().on_request_headers(headers("GET", &path, &[("authorization", &auth)]), true, &mut rig.vm(), &host);
+    assert!(ask(&step).is_some(), "at the maximum age the policy still holds");
+    rig.policy_age_ms = max_ms + 1;
+    let step = Exchange::new().on_request_headers(headers("GET", &path, &[("authorization", &auth)]), true, &mut rig.vm(), &host);
+    assert_eq!(reply(&step).map(|r| (r.0, r.2["error"].clone())), Some((503, json!("policy_stale"))));
+    let step = mcp_step(&mut rig, &mut Exchange::new(), &tok(1), br#"{"jsonrpc":"2.0","id":1,"method":"tools/list"}"#, &[]);
+    assert_eq!(reply(&step).map(|r| (r.0, r.2["error"].clone())), Some((503, json!("policy_stale"))));
+    // The decision order holds: a bad path is still a bad path.
+    let step = Exchange::new().on_request_headers(headers("GET", "/api/v1/mcp/projects/%2e", &[("authorization", &auth)]), true, &mut rig.vm(), &host);
+    assert_eq!(reply(&step).map(|r| r.0), Some(400));
+    // Non-MCP traffic passes; a token elsewhere is still refused.
+    let step = Exchange::new().on_request_headers(headers("GET", "/api/v1/projects", &[("authorization", "Bearer eyJ")]), true, &mut rig.vm(), &host);
+    assert_eq!((step.flow, reply(&step).is_none()), (Flow::Continue, true));
+    let step = Exchange::new().on_request_headers(headers("GET", "/api/v1/projects", &[("authorization", &auth)]), true, &mut rig.vm(), &host);
+    assert_eq!(reply(&step).map(|r| r.0), Some(403));
     Ok(())
 }
