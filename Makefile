@@ -16,7 +16,7 @@ export MCP_E2E_RUNTIME ?= process
 export MCP_FILTER_WASM := $(CURDIR)/$(WASM)
 export MCP_CONTROL_PLANE_BIN := $(CURDIR)/target/debug/mcp-control-plane
 
-.PHONY: deps wasm build images validate test test-unit test-e2e run lint clean bench bench-smoke
+.PHONY: deps wasm build images validate test test-unit test-e2e run lint clean bench bench-smoke fuzz
 
 deps:
 	@bash scripts/install-deps.sh
@@ -75,6 +75,14 @@ bench-smoke: build
 	@bash scripts/install-deps.sh bench
 	$(CARGO) build --profile perf -p mcp-filter-core --example replay
 	MCP_BENCH_PROFILE=perf $(CURDIR)/target/debug/mcp-bench --smoke
+
+# cargo-fuzz targets (fuzz/, nightly): each runs FUZZ_SECONDS (default 60)
+# from its seeds; writes bench/fuzz.md. CI runs them a few seconds each so
+# they keep building.
+FUZZ_SECONDS ?= 60
+fuzz:
+	@bash scripts/install-deps.sh fuzz
+	FUZZ_SECONDS=$(FUZZ_SECONDS) bash scripts/fuzz.sh
 
 run: build
 	$(CARGO) run -q -p mcp-gateway-tests --bin mcp-gateway-demo

@@ -64,5 +64,16 @@ if ! [ -x .tools/mcp-client/bin/python ] || ! .tools/mcp-client/bin/python -c "i
   python3 -m venv .tools/mcp-client
   .tools/mcp-client/bin/pip install -q --disable-pip-version-check "mcp==$MCP_SDK_VERSION"
 fi
+# `install-deps.sh fuzz`: the nightly toolchain and cargo-fuzz (make fuzz).
+if [ "${1:-}" = "fuzz" ]; then
+  if ! rustup toolchain list 2>/dev/null | grep -q '^nightly'; then
+    log "installing the nightly toolchain (cargo-fuzz needs it)"
+    rustup toolchain install nightly --profile minimal
+  fi
+  if ! cargo fuzz --version >/dev/null 2>&1; then
+    log "installing cargo-fuzz"
+    cargo install cargo-fuzz --locked
+  fi
+fi
 for v in ${EXTRA_ENVOY_VERSIONS:-}; do install_envoy "$v"; done
 log "done"

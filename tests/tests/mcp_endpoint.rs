@@ -208,7 +208,12 @@ async fn write_tools_need_the_grant_and_their_arguments_are_audited_as_a_digest(
 
     // One row per call: tool, method, digest of the canonical arguments,
     // outcome and status; never an argument's value.
-    let digest = hex::encode(Sha256::digest(serde_json::to_string(&args).unwrap()));
+    // The keyed digest (HMAC-SHA256 under a key derived from the internal
+    // secret), not the plain hash anyone could test guesses against.
+    let canonical = serde_json::to_string(&args).unwrap();
+    let key = mcp_filter_core::audit::arguments_key(&s.grpc_secret);
+    let digest = hex::encode(mcp_filter_core::audit::hmac_sha256(&key, canonical.as_bytes()));
+    assert_ne!(digest, hex::encode(Sha256::digest(&canonical)));
     let row = s
         .wait_until(Duration::from_secs(10), || async {
             Ok(sqlx::query("SELECT 1 FROM mcp_access_log WHERE token_id = $1 AND details->'mcp'->>'tool' = 'abort_job'")
@@ -230,7 +235,7 @@ async fn write_tools_need_the_grant_and_their_arguments_are_audited_as_a_digest(
     let trigger_row = rows.iter().find(|r| r.get::<Value, _>("details")["mcp"]["tool"] == "trigger_build").expect("a row for the trigger");
     let details: Value = trigger_row.get("details");
     assert_eq!(details["mcp"]["method"], "tools/call");
-    assert_eq!(details["mcp"]["arguments_sha256"], digest, "{details}");
+    assert_eq!(details["mcp"]["arguments_hmac"], digest, "{details}");
     assert_eq!(details["mcp"]["upstream_status"], 200);
     assert_eq!((trigger_row.get::<String, _>("action"), trigger_row.get::<String, _>("outcome")), ("projects.trigger".into(), "success".into()));
     assert_eq!(trigger_row.get::<Option<i16>, _>("status_code"), Some(200));
@@ -360,7 +365,8 @@ async fn protocol_faults_and_discovery_through_envoy() {
         (br#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"get_project","name":"trigger_build"}}"#, 400, -32700),
         (br#"[{"jsonrpc":"2.0","id":1,"method":"tools/list"}]"#, 400, -32600),
         (br#"{"jsonrpc":"2.0","id":1,"method":"tools/list","extra":true}"#, 400, -32600),
-        (br#"{"jsonrpc":"2.0","id":1,"method":"prompts/list"}"#, 404, -32601),
+        // 2025-11-25 clients read a 404 as a lost session: its errors travel with 200.
+        (br#"{"jsonrpc":"2.0","id":1,"method":"prompts/list"}"#, 200, -32601),
     ] {
         let r = s.send(post(Some(&token), body)).await.unwrap();
         assert_eq!((r.status, rpc_code(&r)), (status, Some(code)), "{}: {}", String::from_utf8_lossy(body), r.text());
@@ -408,4 +414,70 @@ async fn protocol_faults_and_discovery_through_envoy() {
     let seen = s.infrabox.requests();
     assert_eq!(seen.len(), 1, "{:?}", seen.iter().map(|r| &r.path).collect::<Vec<_>>());
     assert_eq!(seen[0].path, format!("/api/v1/projects/{}", w.p0));
+}
+
+/// HTTP/2 request trailers: with `allow_on_headers_stop_iteration` a paused
+/// head is only a stopped head, so trailers must not let a request go on
+/// before it is decided — neither a REST write waiting for its rate-limit
+/// answer (it must end 403 with nothing forwarded), nor a tool call whose
+/// body ends with trailers (it is read and answered).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http2_trailers_never_forward_an_undecided_request() {
+    let s = stack().await;
+    let w = world(&s).await;
+    let (_, token) = token(&s, &w, false).await;
+    s.infrabox.clear();
+
+    async fn h2_post(s: &Stack, path: &str, token: &str, body: &'static [u8], content_type: &str) -> (u16, Vec<u8>) {
+        let tcp = tokio::net::TcpStream::connect(s.gateway()).await.unwrap();
+        let (client, conn) = h2::client::handshake(tcp).await.unwrap();
+        tokio::spawn(conn);
+        let mut client = client.ready().await.unwrap();
+        let req = http::Request::post(format!("http://127.0.0.1:{}{path}", s.gateway().port()))
+            // Lower-case "bearer": what InfraBox's own MCP layer would wave through.
+            .header("authorization", format!("bearer {token}"))
+            .header("content-type", content_type)
+            .body(())
+            .unwrap();
+        let (response, mut stream) = client.send_request(req, false).unwrap();
+        stream.send_data(bytes::Bytes::from_static(body), false).unwrap();
+        let mut trailers = http::HeaderMap::new();
+        trailers.insert("x-trailer", http::HeaderValue::from_static("1"));
+        stream.send_trailers(trailers).unwrap();
+        let response = tokio::time::timeout(Duration::from_secs(20), response).await.expect("an answer").unwrap();
+        let status = response.status().as_u16();
+        let mut body = response.into_body();
+        let mut out = Vec::new();
+        while let Some(chunk) = body.data().await {
+            let chunk = chunk.unwrap();
+            let _ = body.flow_control().release_capacity(chunk.len());
+            out.extend_from_slice(&chunk);
+        }
+        (status, out)
+    }
+
+    // A write with a read-only token: denied after the rate-limit answer,
+    // whatever the trailers did meanwhile.
+    let trigger = format!("/api/v1/mcp/projects/{}/trigger", w.p0);
+    let (status, body) = h2_post(&s, &trigger, &token, br#"{"branch_or_sha":"main"}"#, "application/json").await;
+    assert_eq!(status, 403, "{}", String::from_utf8_lossy(&body));
+    assert_eq!(serde_json::from_slice::<Value>(&body).unwrap()["error"], "write_forbidden");
+    // The endpoint: the body ends with the trailers and is answered.
+    let (status, body) = h2_post(&s, "/api/v1/mcp", &token, br#"{"jsonrpc":"2.0","id":1,"method":"tools/list"}"#, "application/json").await;
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+    assert!(serde_json::from_slice::<Value>(&body).unwrap()["result"]["tools"].is_array());
+    let (status, body) = h2_post(
+        &s,
+        "/api/v1/mcp",
+        &token,
+        br#"{"jsonrpc":"2.0","id":2,"method":"tools/call","params":{"name":"trigger_build","arguments":{"project_id":"00000000-0000-4000-8000-000000000000","branch_or_sha":"main"}}}"#,
+        "application/json",
+    )
+    .await;
+    assert_eq!(status, 200);
+    let v: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(v["result"]["isError"], true, "{v}");
+    // Nothing reached InfraBox.
+    let seen = s.infrabox.requests();
+    assert!(seen.is_empty(), "{:?}", seen.iter().map(|r| (&r.method, &r.path)).collect::<Vec<_>>());
 }

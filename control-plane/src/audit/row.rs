@@ -125,11 +125,11 @@ impl AuditRow {
         }
         if let Some(m) = &record.mcp {
             // The digest only: argument values may be secrets.
-            let digest = m.arguments_sha256.as_deref().filter(|d| d.len() == 64 && d.bytes().all(|b| b.is_ascii_hexdigit()));
+            let digest = m.arguments_hmac.as_deref().filter(|d| d.len() == 64 && d.bytes().all(|b| b.is_ascii_hexdigit()));
             details["mcp"] = json!({
                 "method": cut(&m.method, audit::MAX_RPC_METHOD_BYTES),
                 "tool": m.tool.as_deref().map(|t| cut(t, audit::MAX_RPC_METHOD_BYTES)),
-                "arguments_sha256": digest,
+                "arguments_hmac": digest,
                 "upstream_status": upstream_status,
             });
         }

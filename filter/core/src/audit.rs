@@ -90,32 +90,61 @@ pub struct AuditRecord {
 }
 
 /// What the audit keeps of an MCP endpoint request (DESIGN §15): never an
-/// argument's value (trigger variables may be secrets), only the SHA-256 of
-/// the arguments' canonical JSON.
+/// argument's value (trigger variables may be secrets), only a keyed digest
+/// of the arguments' canonical JSON — HMAC-SHA256 under a key derived from
+/// the gateway's internal secret ([`arguments_key`]), so a reader of the
+/// audit table cannot confirm a guessed secret offline, while the same
+/// arguments always give the same digest.
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct McpFacts {
     /// The JSON-RPC method (at most [`MAX_RPC_METHOD_BYTES`]).
     pub method: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tool: Option<String>,
+    /// Hex HMAC-SHA256 of the canonical arguments.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub arguments_sha256: Option<String>,
+    pub arguments_hmac: Option<String>,
 }
 
 /// Longest JSON-RPC method or tool name kept in a record, in bytes.
 pub const MAX_RPC_METHOD_BYTES: usize = 64;
 
 impl McpFacts {
-    /// The facts of a message: method, and for a tool call its name and digest.
-    pub fn of(method: &str, tool: Option<&str>, arguments: Option<&serde_json::Value>) -> Self {
-        use sha2::{Digest, Sha256};
+    /// The facts of a message: method, and for a tool call its name and the
+    /// digest of its arguments under `key`.
+    pub fn of(method: &str, tool: Option<&str>, arguments: Option<&serde_json::Value>, key: &[u8; 32]) -> Self {
         let clean = |s: &str| truncate(s, MAX_RPC_METHOD_BYTES).chars().map(|c| if c.is_control() { '?' } else { c }).collect::<String>();
         Self {
             method: clean(method),
             tool: tool.map(clean),
-            arguments_sha256: arguments.map(|a| hex::encode(Sha256::digest(crate::mcp::jsonrpc::canonical(a).as_bytes()))),
+            arguments_hmac: arguments.map(|a| hex::encode(hmac_sha256(key, crate::mcp::jsonrpc::canonical(a).as_bytes()))),
         }
     }
+}
+
+/// The key of the argument digests: SHA-256 of a label and the gateway's
+/// internal secret (never stored or logged itself).
+pub fn arguments_key(secret: &str) -> [u8; 32] {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    h.update(b"infrabox-mcp-gateway/audit-arguments/v1\0");
+    h.update(secret.as_bytes());
+    h.finalize().into()
+}
+
+/// HMAC-SHA256 (RFC 2104) with a 32-byte key.
+pub fn hmac_sha256(key: &[u8; 32], message: &[u8]) -> [u8; 32] {
+    use sha2::{Digest, Sha256};
+    let mut ipad = [0x36u8; 64];
+    let mut opad = [0x5cu8; 64];
+    for (i, k) in key.iter().enumerate() {
+        if let (Some(a), Some(b)) = (ipad.get_mut(i), opad.get_mut(i)) {
+            *a ^= k;
+            *b ^= k;
+        }
+    }
+    let inner = Sha256::new().chain_update(ipad).chain_update(message).finalize();
+    Sha256::new().chain_update(opad).chain_update(inner).finalize().into()
 }
 
 /// The filter state the filter sets when a tool call's upstream answer
@@ -444,6 +473,24 @@ pub fn outcome(record: &AuditRecord, status: u32) -> Outcome {
 /// The outcome of a denial reason (an [`ErrorCode`] string).
 pub fn reason_outcome(reason: &str) -> Option<Outcome> {
     ErrorCode::ALL.into_iter().find(|c| c.as_str() == reason).and_then(|c| Outcome::from_str(c.outcome()))
+}
+
+#[cfg(test)]
+mod hmac_tests {
+    use super::*;
+
+    #[test]
+    fn hmac_matches_rfc_4231_with_a_32_byte_key() {
+        // RFC 4231 test case 2 uses a short key; pad it as HMAC does (keys
+        // shorter than the block are zero-padded), so a 32-byte zero-padded
+        // "Jefe" gives the same MAC.
+        let mut key = [0u8; 32];
+        key[..4].copy_from_slice(b"Jefe");
+        assert_eq!(
+            hex::encode(hmac_sha256(&key, b"what do ya want for nothing?")),
+            "5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843"
+        );
+    }
 }
 
 #[cfg(test)]

@@ -52,6 +52,9 @@ pub struct PluginConfig {
     /// snapshot, MCP requests fail closed (503 `policy_stale`): revocations
     /// cannot reach the edge while it is away.
     pub max_policy_age_seconds: u32,
+    /// The key of the audit's argument digests ([`crate::audit::arguments_key`]
+    /// of the gRPC secret). Never logged.
+    pub arguments_key: [u8; 32],
 }
 
 #[derive(Deserialize)]
@@ -92,7 +95,7 @@ struct Raw {
     mcp_max_body_bytes: u32,
     #[serde(default = "d_mcp_result")]
     mcp_max_result_bytes: u32,
-    #[serde(default = "d_mcp_result")]
+    #[serde(default = "d_mcp_artifact")]
     mcp_max_artifact_bytes: u32,
     #[serde(default)]
     documentation_url: Option<String>,
@@ -142,6 +145,9 @@ fn d_mcp_body() -> u32 {
     64 << 10
 }
 fn d_mcp_result() -> u32 {
+    512 << 10
+}
+fn d_mcp_artifact() -> u32 {
     1 << 20
 }
 
@@ -199,11 +205,11 @@ impl PluginConfig {
         if !(1024..=1 << 20).contains(&raw.mcp_max_body_bytes) {
             return Err(ConfigError("mcp_max_body_bytes must be between 1024 and 1048576".into()));
         }
-        // Envoy buffers a tool's whole upstream answer (per_connection_buffer_limit_bytes).
-        if !(1024..=3 << 20).contains(&raw.mcp_max_result_bytes) || !(1024..=2 << 20).contains(&raw.mcp_max_artifact_bytes) {
-            return Err(ConfigError(
-                "mcp_max_result_bytes must be between 1024 and 3145728, mcp_max_artifact_bytes between 1024 and 2097152".into(),
-            ));
+        // Envoy buffers a tool's whole upstream answer and then its result
+        // (about twice the answer, base64 4/3) within the connection's
+        // buffer limit (4 MiB in the shipped configurations).
+        if !(1024..=1 << 20).contains(&raw.mcp_max_result_bytes) || !(1024..=1 << 20).contains(&raw.mcp_max_artifact_bytes) {
+            return Err(ConfigError("mcp_max_result_bytes and mcp_max_artifact_bytes must be between 1024 and 1048576".into()));
         }
         if raw.documentation_url.as_deref().is_some_and(|u| !(u.starts_with("https://") || u.starts_with("http://")) || u.len() > 512 || u.contains('"')) {
             return Err(ConfigError("documentation_url must be an http(s) URL of at most 512 bytes".into()));
@@ -221,7 +227,9 @@ impl PluginConfig {
             Some(v) => RouteTable::from_json(v).map_err(|e| ConfigError(e.to_string()))?,
         };
         routes.enable(&raw.enable_routes).map_err(|e| ConfigError(e.to_string()))?;
+        let arguments_key = crate::audit::arguments_key(raw.grpc_secret.as_deref().unwrap_or(&raw.snapshot_secret));
         Ok(Self {
+            arguments_key,
             snapshot_cluster: raw.snapshot_cluster,
             snapshot_authority: raw.snapshot_authority,
             snapshot_path: raw.snapshot_path,

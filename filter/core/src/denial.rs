@@ -29,6 +29,8 @@ pub enum ErrorCode {
     NotSupportedUpstream,
     /// The policy is older than `max_policy_age_seconds` (control plane away).
     PolicyStale,
+    /// An MCP endpoint request from a browser page of another origin.
+    OriginForbidden,
     /// An MCP endpoint body over `mcp_max_body_bytes` (413).
     RequestTooLarge,
     /// An MCP endpoint body that is not `application/json` (415).
@@ -36,7 +38,7 @@ pub enum ErrorCode {
 }
 
 impl ErrorCode {
-    pub const ALL: [ErrorCode; 16] = [
+    pub const ALL: [ErrorCode; 17] = [
         ErrorCode::BadPath,
         ErrorCode::InvalidToken,
         ErrorCode::UnknownEndpoint,
@@ -51,6 +53,7 @@ impl ErrorCode {
         ErrorCode::OwnershipUnavailable,
         ErrorCode::NotSupportedUpstream,
         ErrorCode::PolicyStale,
+        ErrorCode::OriginForbidden,
         ErrorCode::RequestTooLarge,
         ErrorCode::UnsupportedMediaType,
     ];
@@ -71,6 +74,7 @@ impl ErrorCode {
             ErrorCode::OwnershipUnavailable => "ownership_unavailable",
             ErrorCode::NotSupportedUpstream => "not_supported_upstream",
             ErrorCode::PolicyStale => "policy_stale",
+            ErrorCode::OriginForbidden => "origin_forbidden",
             ErrorCode::RequestTooLarge => "request_too_large",
             ErrorCode::UnsupportedMediaType => "unsupported_media_type",
         }
@@ -83,7 +87,7 @@ impl ErrorCode {
             ErrorCode::UnknownEndpoint => 404,
             ErrorCode::MethodNotAllowed => 405,
             ErrorCode::RateLimited => 429,
-            ErrorCode::ProjectForbidden | ErrorCode::WriteForbidden | ErrorCode::McpTokenNotAccepted => 403,
+            ErrorCode::ProjectForbidden | ErrorCode::WriteForbidden | ErrorCode::McpTokenNotAccepted | ErrorCode::OriginForbidden => 403,
             ErrorCode::PolicyUnavailable
             | ErrorCode::PolicyStale
             | ErrorCode::UpstreamCredentialMissing
@@ -104,7 +108,9 @@ impl ErrorCode {
             ErrorCode::InvalidToken => "unauthorized",
             ErrorCode::UnknownEndpoint | ErrorCode::MethodNotAllowed => "not_found",
             ErrorCode::RateLimited => "rate_limited",
-            ErrorCode::ProjectForbidden | ErrorCode::WriteForbidden | ErrorCode::McpTokenNotAccepted => "forbidden",
+            ErrorCode::ProjectForbidden | ErrorCode::WriteForbidden | ErrorCode::McpTokenNotAccepted | ErrorCode::OriginForbidden => {
+                "forbidden"
+            }
             ErrorCode::PolicyUnavailable | ErrorCode::PolicyStale | ErrorCode::OwnershipUnavailable => "policy_unavailable",
             ErrorCode::UpstreamCredentialMissing | ErrorCode::NotSupportedUpstream => "upstream_error",
         }

@@ -237,6 +237,10 @@ pub struct Exchange {
     facts: RequestFacts,
     client: Client,
     state: State,
+    /// What the host holds of the request and response bodies, as of the
+    /// last body event (trailers end a body without a size of their own).
+    request_buffered: usize,
+    response_buffered: usize,
 }
 
 impl Default for Exchange {
@@ -247,7 +251,14 @@ impl Default for Exchange {
 
 impl Exchange {
     pub fn new() -> Self {
-        Self { request_id: String::new(), facts: RequestFacts::default(), client: Client::Rest, state: State::Start }
+        Self {
+            request_id: String::new(),
+            facts: RequestFacts::default(),
+            client: Client::Rest,
+            state: State::Start,
+            request_buffered: 0,
+            response_buffered: 0,
+        }
     }
 
     /// The request head arrived. `end_of_stream`: it has no body.
@@ -569,6 +580,18 @@ impl Exchange {
             let d = Denial::new(ErrorCode::UnsupportedMediaType, "the MCP endpoint takes a JSON-RPC message as application/json");
             return self.deny(d, None, None, vm, host);
         }
+        // The body is read as sent: an encoded one would be parsed as one
+        // thing and forwarded as another.
+        if head.values("content-encoding").any(|v| !v.trim().eq_ignore_ascii_case("identity")) {
+            let d = Denial::new(ErrorCode::UnsupportedMediaType, "the MCP endpoint takes an unencoded body (no Content-Encoding)");
+            return self.deny(d, None, None, vm, host);
+        }
+        // 2025-11-25: a server validates Origin (DNS rebinding): a browser
+        // page may only call from the InfraBox host itself.
+        if head.values("origin").any(|o| !origin_allowed(o, &config)) {
+            let d = Denial::new(ErrorCode::OriginForbidden, "requests from a browser page of another origin are refused");
+            return self.deny(d, None, None, vm, host);
+        }
         self.state = State::Reading(Box::new(Reading { policy, config, grant, headers: head.headers.to_vec() }));
         if end_of_stream {
             return self.on_request_body(0, true, vm, host);
@@ -578,6 +601,7 @@ impl Exchange {
 
     /// Request body bytes arrived (`size`: all buffered so far).
     pub fn on_request_body(&mut self, size: usize, end_of_stream: bool, vm: &mut Vm<'_>, host: &dyn Host) -> Step {
+        self.request_buffered = size;
         let reading = match &self.state {
             State::Reading(r) => r,
             // The head waits for its rate-limit answer: the body waits with
@@ -596,15 +620,21 @@ impl Exchange {
         let Reading { policy, config, grant, headers } = *reading;
         let body = host.request_body(size);
         let mut effects = vec![Effect::Count(Counter::McpMessages)];
+        let key = config.arguments_key;
         let message = match jsonrpc::parse(&body) {
             Ok(m) => m,
-            Err(e) => return self.rpc_error(e, None, effects),
+            Err(e) => {
+                if let Some(d) = protocol_budget(&policy, grant, host) {
+                    return self.deny_with(d, None, None, effects, vm, host);
+                }
+                return self.rpc_error(e, None, None, &key, effects);
+            }
         };
         // An MCP secret in the body (raw, or behind JSON escapes) would
         // travel on, e.g. as a trigger variable into InfraBox's builds.
         let decoded = jsonrpc::canonical(&serde_json::Value::Object(message.params.clone()));
         if credential::contains_marker(&body) || credential::contains_marker(decoded.as_bytes()) {
-            self.facts.mcp = Some(McpFacts::of(&message.method, None, None));
+            self.facts.mcp = Some(McpFacts::of(&message.method, None, None, &key));
             let d = Denial::new(
                 ErrorCode::CredentialMisplaced,
                 "an MCP token belongs only in the Authorization header (Bearer); this request carries one in its body",
@@ -612,29 +642,42 @@ impl Exchange {
             return self.deny_with(d, None, None, effects, vm, host);
         }
         let allow_trigger = policy.grant(grant).is_some_and(|g| g.allow_trigger());
-        match mcp::dispatch(message, &RoutingHeaders::of(&headers), allow_trigger, &config) {
+        let dispatch = mcp::dispatch(message, &RoutingHeaders::of(&headers), allow_trigger, &config);
+        // Everything but a tool call is answered here, bounded per token
+        // (tool calls have the route's rate limit).
+        if !matches!(dispatch, Dispatch::Call { .. }) {
+            if let Some(d) = protocol_budget(&policy, grant, host) {
+                return self.deny_with(d, None, None, effects, vm, host);
+            }
+        }
+        match dispatch {
             Dispatch::Answer { id, result, method } => {
-                self.facts.mcp = Some(McpFacts::of(&method, None, None));
+                self.facts.mcp = Some(McpFacts::of(&method, None, None, &key));
                 effects.push(Effect::Audit { facts: self.facts.clone(), reason: None, remaining: None });
                 effects.push(json_reply(200, jsonrpc::result_json(&id, result), Vec::new()));
                 Step { effects, flow: Flow::Pause }
             }
             Dispatch::Accepted { method } => {
-                self.facts.mcp = Some(McpFacts::of(&method, None, None));
+                self.facts.mcp = Some(McpFacts::of(&method, None, None, &key));
                 effects.push(Effect::Audit { facts: self.facts.clone(), reason: None, remaining: None });
                 effects.push(Effect::Reply { status: 202, headers: Vec::new(), body: Vec::new() });
                 Step { effects, flow: Flow::Pause }
             }
-            Dispatch::Error { error, method } => self.rpc_error(error, method, effects),
+            Dispatch::Error { error, method, era } => self.rpc_error(error, method, era, &key, effects),
             Dispatch::Call { id, era, tool, arguments, call } => {
+                // The tool call's own request: the client's headers but for
+                // what described its JSON-RPC body (length, encodings, the
+                // MCP routing headers), which the upstream request replaces.
+                let dropped = |k: &str| matches!(k, "accept-encoding" | "content-encoding") || k.starts_with("mcp-");
+                let removed: Vec<String> = headers.iter().filter(|(k, _)| dropped(k)).map(|(k, _)| k.clone()).collect();
                 let mut synthetic: Vec<(String, String)> = headers
                     .into_iter()
-                    .filter(|(k, _)| !matches!(k.as_str(), ":method" | ":path" | "content-length" | "accept-encoding"))
+                    .filter(|(k, _)| !matches!(k.as_str(), ":method" | ":path" | "content-length") && !dropped(k))
                     .collect();
                 synthetic.push((":method".into(), call.method.clone()));
                 synthetic.push((":path".into(), call.path.clone()));
                 let head = RequestHead::new(&synthetic);
-                let mcp_facts = McpFacts::of("tools/call", Some(&tool), Some(&arguments));
+                let mcp_facts = McpFacts::of("tools/call", Some(&tool), Some(&arguments), &key);
                 self.facts = RequestFacts::describe(&head, Some(&policy), &config.routes, true);
                 // The client's method and path stay those it sent.
                 self.facts.method = "POST".into();
@@ -649,7 +692,7 @@ impl Exchange {
                 let upstream_body = call.body.unwrap_or_default();
                 effects.push(Effect::ReplaceRequestBody(upstream_body.clone()));
                 effects.push(Effect::SetRequestHeader("content-length".into(), upstream_body.len().to_string()));
-                effects.push(Effect::RemoveRequestHeader("accept-encoding".into()));
+                effects.extend(removed.into_iter().map(Effect::RemoveRequestHeader));
                 let admission = pipeline::admit(&head, Some(&policy), &config, host.now_ms() / 1000);
                 let mut step = self.admitted(admission, Some(policy), config, synthetic, vm, host);
                 effects.append(&mut step.effects);
@@ -658,13 +701,36 @@ impl Exchange {
         }
     }
 
+    /// Request trailers arrived: the body has ended. While the head waits
+    /// (body, or rate-limit answer), nothing may go on — going on here would
+    /// forward the request undecided.
+    pub fn on_request_trailers(&mut self, vm: &mut Vm<'_>, host: &dyn Host) -> Step {
+        match self.state {
+            State::Reading(_) => self.on_request_body(self.request_buffered, true, vm, host),
+            State::Limit(_) => Step { effects: Vec::new(), flow: Flow::Pause },
+            _ => Step::go(),
+        }
+    }
+
+    /// Response trailers arrived: a body being shaped ends here.
+    pub fn on_response_trailers(&mut self, host: &dyn Host) -> Step {
+        match &self.state {
+            State::Response { shape: Shape::None, .. } | State::Response { shape: Shape::LogTail { total: Some(_), .. }, .. } => {
+                Step::go()
+            }
+            State::Response { .. } => self.on_response_body(self.response_buffered, true, host),
+            _ => Step::go(),
+        }
+    }
+
     /// A JSON-RPC error answer (audited as a denial named after its code).
-    fn rpc_error(&mut self, error: RpcError, method: Option<String>, mut effects: Vec<Effect>) -> Step {
+    /// `era`: the revision, when the request got far enough to tell.
+    fn rpc_error(&mut self, error: RpcError, method: Option<String>, era: Option<Era>, key: &[u8; 32], mut effects: Vec<Effect>) -> Step {
         self.state = State::Done;
-        self.facts.mcp = Some(McpFacts::of(method.as_deref().unwrap_or("-"), None, None));
+        self.facts.mcp = Some(McpFacts::of(method.as_deref().unwrap_or("-"), None, None, key));
         effects.push(Effect::Audit { facts: self.facts.clone(), reason: Some(error.reason().into()), remaining: None });
         effects.push(Effect::Count(Counter::RequestsDenied));
-        effects.push(json_reply(error.http_status(), error.to_json(), Vec::new()));
+        effects.push(json_reply(error.http_status(era), error.to_json(), Vec::new()));
         Step { effects, flow: Flow::Pause }
     }
 
@@ -673,7 +739,7 @@ impl Exchange {
         let State::Response { ratelimit, shape } = &mut self.state else { return Step::go() };
         let mut effects: Vec<Effect> =
             ratelimit.drain(..).map(|(k, v)| Effect::SetResponseHeader(k.to_string(), Some(v))).collect();
-        let ok = status == Some("200");
+        let ok = status.and_then(|s| s.parse::<u16>().ok()).is_some_and(|s| (200..300).contains(&s));
         let set = |k: &str, v: Option<String>| Effect::SetResponseHeader(k.to_string(), v);
         // Envoy's proxy-wasm host turns a paused header callback into
         // StopAllIteration, so the body would never arrive: the headers go
@@ -728,6 +794,7 @@ impl Exchange {
 
     /// Response body bytes arrived (`size`: what the host holds now).
     pub fn on_response_body(&mut self, size: usize, end_of_stream: bool, host: &dyn Host) -> Step {
+        self.response_buffered = size;
         let State::Response { shape, .. } = &mut self.state else { return Step::go() };
         let mut effects = Vec::new();
         let cut = |len: usize| Effect::ReplaceResponseBody { start: 0, len, bytes: Vec::new() };
@@ -776,8 +843,8 @@ impl Exchange {
                 if !end_of_stream {
                     return Step { effects, flow: Flow::Pause };
                 }
-                let kept = size - excess;
-                let body = if kept > 0 { host.response_body(size).split_off(excess.min(size)) } else { Vec::new() };
+                let kept = size.saturating_sub(excess);
+                let body = if kept > 0 { host.response_body(size).get(excess..).map(<[u8]>::to_vec).unwrap_or_default() } else { Vec::new() };
                 let result = self.tool_result(&body, kept, host.now_ms() / 1000);
                 effects.push(Effect::ReplaceResponseBody { start: 0, len: kept, bytes: result });
             }
@@ -833,6 +900,31 @@ fn scope_hint(policy: &Policy, grant: u32, now: i64) -> Option<String> {
     })
 }
 
+/// The bound on what a token sends the endpoint besides tool calls
+/// (initialize, discover, tools/list, notifications, malformed messages):
+/// twice its user's `default` limit per window, per Envoy instance, kept in
+/// the local window — every such message is an audit row, and none has a
+/// route to rate-limit it. `None`: within the bound.
+fn protocol_budget(policy: &Policy, grant: u32, host: &dyn Host) -> Option<Denial> {
+    let g = policy.grant(grant)?;
+    let limit = policy.limit(Class::Default).saturating_mul(2).max(10);
+    let window = policy.limits.window_seconds;
+    let d = host.local_window(&format!("mcp_pm:{}", g.token_id()), limit, window, host.now_ms());
+    if d.allowed {
+        return None;
+    }
+    Some(
+        Denial::new(
+            ErrorCode::RateLimited,
+            format!(
+                "more than {limit} MCP messages other than tool calls in {window} s from this token; retry in {} s",
+                d.retry_after()
+            ),
+        )
+        .with_header("retry-after", d.retry_after().to_string()),
+    )
+}
+
 fn policy_stale(config: &PluginConfig, age_ms: i64) -> Denial {
     Denial::new(
         ErrorCode::PolicyStale,
@@ -853,6 +945,12 @@ fn json_reply(status: u32, body: Vec<u8>, mut headers: Vec<(String, String)>) ->
     headers.insert(0, ("content-type".into(), "application/json".into()));
     headers.insert(1, ("cache-control".into(), "no-store".into()));
     Effect::Reply { status, headers, body }
+}
+
+/// Whether an `Origin` header names an InfraBox host (`scheme://host[:port]`).
+fn origin_allowed(origin: &str, config: &PluginConfig) -> bool {
+    let Some((scheme, authority)) = origin.trim().split_once("://") else { return false };
+    matches!(scheme, "http" | "https") && !authority.contains('/') && config.hosts.matches(authority)
 }
 
 /// `scheme://authority` of a request, for the URLs the endpoint names.

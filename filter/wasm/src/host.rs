@@ -16,16 +16,12 @@ pub fn request_headers() -> Vec<(String, String)> {
         .unwrap_or_default()
 }
 
-pub fn set_request_header(name: &str, value: Option<&str>) {
-    if let Err(e) = hostcalls::set_map_value(MapType::HttpRequestHeaders, name, value) {
-        log::warn!("cannot set request header {name}: {e:?}");
-    }
+pub fn set_request_header(name: &str, value: Option<&str>) -> Result<(), proxy_wasm::types::Status> {
+    hostcalls::set_map_value(MapType::HttpRequestHeaders, name, value).inspect_err(|e| log::warn!("cannot set request header {name}: {e:?}"))
 }
 
-pub fn remove_request_header(name: &str) {
-    if let Err(e) = hostcalls::remove_map_value(MapType::HttpRequestHeaders, name) {
-        log::warn!("cannot remove request header {name}: {e:?}");
-    }
+pub fn remove_request_header(name: &str) -> Result<(), proxy_wasm::types::Status> {
+    hostcalls::remove_map_value(MapType::HttpRequestHeaders, name).inspect_err(|e| log::warn!("cannot remove request header {name}: {e:?}"))
 }
 
 pub fn http_call_response_header(name: &str) -> Option<String> {
@@ -107,11 +103,10 @@ pub fn set_response_header(name: &str, value: Option<&str>) {
 }
 
 /// Replaces the whole buffered request body.
-pub fn replace_request_body(value: &[u8]) {
+pub fn replace_request_body(value: &[u8]) -> Result<(), proxy_wasm::types::Status> {
     // Envoy replaces the whole buffer for start 0 and a size at least its length.
-    if let Err(e) = hostcalls::set_buffer(proxy_wasm::types::BufferType::HttpRequestBody, 0, u32::MAX as usize, value) {
-        log::warn!("cannot set request body: {e:?}");
-    }
+    hostcalls::set_buffer(proxy_wasm::types::BufferType::HttpRequestBody, 0, u32::MAX as usize, value)
+        .inspect_err(|e| log::warn!("cannot set request body: {e:?}"))
 }
 
 /// Replaces `size` bytes at `start` of the buffered response body.

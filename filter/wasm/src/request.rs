@@ -82,8 +82,7 @@ fn drive(
 ) -> Action {
     let step = with_vm(shared, |vm| event(&mut exchange.borrow_mut(), vm, &WasmHost));
     let Some(step) = step else {
-        log::warn!("VM state busy; the request is refused");
-        host::send_response(503, vec![("content-type", "application/json")], br#"{"error":"policy_unavailable","message":"the gateway is busy; retry"}"#);
+        fail_closed("the VM state is busy");
         return Action::Pause;
     };
     let flow = carry_out(shared, context_id, exchange, step);
@@ -110,9 +109,12 @@ fn with_vm<T>(shared: &Shared, f: impl FnOnce(&mut Vm<'_>) -> T) -> Option<T> {
 }
 
 /// Carries out a step's effects; returns the flow that stands (a callout
-/// that cannot start is answered at once, and its step decides).
+/// that cannot start is answered at once, and its step decides). A rewrite
+/// of the request the host refuses fails the request closed (500): it
+/// would otherwise go on half rewritten.
 fn carry_out(shared: &Shared, context_id: u32, exchange: &SharedExchange, step: Step) -> Flow {
     let metrics = shared.metrics();
+    let mut broken = false;
     for effect in step.effects {
         match effect {
             Effect::Reply { status, headers, body } => {
@@ -120,20 +122,25 @@ fn carry_out(shared: &Shared, context_id: u32, exchange: &SharedExchange, step: 
                 host::send_response(status, headers, &body);
             }
             Effect::AskLimit { key, claim } => {
-                let Some(config) = shared.config() else { continue };
-                match limiter::ask_service(&config, &key, claim.as_ref()) {
-                    Ok(token) => {
-                        if let Ok(mut callouts) = shared.callouts.try_borrow_mut() {
+                let started = shared.config().map(|config| limiter::ask_service(&config, &key, claim.as_ref()));
+                let held = match started {
+                    Some(Ok(token)) => match shared.callouts.try_borrow_mut() {
+                        Ok(mut callouts) => {
                             callouts.hold(context_id, token, host::now_unix_ms(), exchange.clone());
+                            Ok(())
                         }
-                    }
-                    Err(e) => {
-                        let why = format!("callout failed: {e:?}");
-                        let Some(next) = with_vm(shared, |vm| exchange.borrow_mut().on_limit(LimitAnswer::Failed(why), vm, &WasmHost)) else {
-                            continue;
-                        };
-                        return carry_out(shared, context_id, exchange, next);
-                    }
+                        Err(_) => Err("callout bookkeeping busy".to_string()),
+                    },
+                    Some(Err(e)) => Err(format!("callout failed: {e:?}")),
+                    None => Err("no configuration".to_string()),
+                };
+                if let Err(why) = held {
+                    // The local window decides now; never a request left waiting.
+                    let next = with_vm(shared, |vm| exchange.borrow_mut().on_limit(LimitAnswer::Failed(why), vm, &WasmHost));
+                    return match next {
+                        Some(next) => carry_out(shared, context_id, exchange, next),
+                        None => fail_closed("the VM state is busy"),
+                    };
                 }
             }
             Effect::Degraded { why } => degraded(&metrics, &why),
@@ -149,14 +156,29 @@ fn carry_out(shared: &Shared, context_id: u32, exchange: &SharedExchange, step: 
                 Counter::OwnershipRefuted => metrics.ownership_refuted,
                 Counter::McpMessages => metrics.mcp_messages,
             }),
-            Effect::RemoveRequestHeader(name) => host::remove_request_header(&name),
-            Effect::SetRequestHeader(name, value) => host::set_request_header(&name, Some(&value)),
-            Effect::ReplaceRequestBody(bytes) => host::replace_request_body(&bytes),
+            Effect::RemoveRequestHeader(name) => broken |= host::remove_request_header(&name).is_err(),
+            Effect::SetRequestHeader(name, value) => broken |= host::set_request_header(&name, Some(&value)).is_err(),
+            Effect::ReplaceRequestBody(bytes) => broken |= host::replace_request_body(&bytes).is_err(),
             Effect::SetResponseHeader(name, value) => host::set_response_header(&name, value.as_deref()),
             Effect::ReplaceResponseBody { start, len, bytes } => host::set_response_body(start, len, &bytes),
         }
     }
+    if broken && step.flow == Flow::Continue {
+        return fail_closed("the host refused a rewrite of the request");
+    }
     step.flow
+}
+
+/// Answers 500 instead of letting a request go on that the filter could
+/// not finish deciding or rewriting.
+fn fail_closed(why: &str) -> Flow {
+    log::error!("request refused: {why}");
+    host::send_response(
+        500,
+        vec![("content-type", "application/json"), ("cache-control", "no-store")],
+        br#"{"error":"gateway_error","message":"the gateway could not complete this request; retry"}"#,
+    );
+    Flow::Pause
 }
 
 /// Counts a decision the local window made and warns, at most once per
@@ -209,6 +231,16 @@ impl HttpContext for McpRequest {
 
     fn on_http_request_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
         self.drive(|ex, vm, h| ex.on_request_body(body_size, end_of_stream, vm, h))
+    }
+
+    // With `allow_on_headers_stop_iteration`, a paused head is only a
+    // stopped head: trailers (HTTP/2) must not let it go on undecided.
+    fn on_http_request_trailers(&mut self, _num_trailers: usize) -> Action {
+        self.drive(|ex, vm, h| ex.on_request_trailers(vm, h))
+    }
+
+    fn on_http_response_trailers(&mut self, _num_trailers: usize) -> Action {
+        self.drive(|ex, _, h| ex.on_response_trailers(h))
     }
 
     fn on_http_response_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {

@@ -388,6 +388,9 @@ fn protocol_answers_and_errors() -> Outcome {
     let body = modern("tools/call", &format!(r#""name":"get_project","arguments":{{"project_id":"{PA}"}},"#));
     let step = mcp_step(&mut rig, &mut Exchange::new(), &tok(1), body.as_bytes(), &[v[0], ("mcp-method", "tools/call"), ("mcp-name", "=?base64?Z2V0X3Byb2plY3Q=?=")]);
     assert!(ask(&step).is_some(), "a matching base64 Mcp-Name goes on: {:?}", reply(&step));
+    // 2026-07-28 errors carry the transport's statuses.
+    let (s, b) = send(&mut rig, 1, modern("resources/list", "").as_bytes(), &[v[0], ("mcp-method", "resources/list")]).ok_or("no reply")?;
+    assert_eq!((s, b["error"]["code"].as_i64()), (404, Some(jsonrpc::METHOD_NOT_FOUND)));
     let (s, b) = send(&mut rig, 1, modern("tools/list", "").replace("2026-07-28", "2099-01-01").as_bytes(), &[("mcp-protocol-version", "2099-01-01"), ("mcp-method", "tools/list")]).ok_or("no reply")?;
     assert_eq!((s, b["error"]["code"].as_i64()), (400, Some(jsonrpc::UNSUPPORTED_PROTOCOL_VERSION)));
     assert!(b["error"]["data"]["supported"].as_array().is_some_and(|a| a.contains(&json!("2026-07-28"))));
@@ -395,10 +398,11 @@ fn protocol_answers_and_errors() -> Outcome {
         (&b"{"[..], 400, jsonrpc::PARSE_ERROR),
         (br#"{"jsonrpc":"2.0","id":1,"method":"tools/list","method":"tools/call"}"#, 400, jsonrpc::PARSE_ERROR),
         (br#"[]"#, 400, jsonrpc::INVALID_REQUEST),
-        (br#"{"jsonrpc":"2.0","id":1,"method":"resources/list"}"#, 404, jsonrpc::METHOD_NOT_FOUND),
-        (br#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"no_such"}}"#, 400, jsonrpc::INVALID_PARAMS),
-        (br#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"get_project","arguments":[]}}"#, 400, jsonrpc::INVALID_PARAMS),
-        (br#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"get_project","arguments":{"project_id":"x"}}}"#, 400, jsonrpc::INVALID_PARAMS),
+        // Handshake-era errors travel with 200 (its clients read 404 as a lost session).
+        (br#"{"jsonrpc":"2.0","id":1,"method":"resources/list"}"#, 200, jsonrpc::METHOD_NOT_FOUND),
+        (br#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"no_such"}}"#, 200, jsonrpc::INVALID_PARAMS),
+        (br#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"get_project","arguments":[]}}"#, 200, jsonrpc::INVALID_PARAMS),
+        (br#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"get_project","arguments":{"project_id":"x"}}}"#, 200, jsonrpc::INVALID_PARAMS),
     ] {
         let (s, b) = send(&mut rig, 1, body, &[]).ok_or("no reply")?;
         assert_eq!((s, b["error"]["code"].as_i64()), (status, Some(code)), "{}", String::from_utf8_lossy(body));
@@ -477,7 +481,16 @@ fn tool_call_audit_keeps_a_digest_never_the_arguments() -> Outcome {
     let facts = facts.ok_or("not audited")?;
     let mcp = facts.mcp.clone().ok_or("no MCP facts")?;
     assert_eq!((mcp.method.as_str(), mcp.tool.as_deref()), ("tools/call", Some("trigger_build")));
-    assert_eq!(mcp.arguments_sha256.as_deref().map(str::len), Some(64));
+    assert_eq!(mcp.arguments_hmac.as_deref().map(str::len), Some(64));
+    // Keyed: the plain SHA-256 of the arguments is not what is stored.
+    let args = json!({"project_id": PA, "branch_or_sha": "main", "env": [{"name": "TOKEN", "value": secret}]});
+    let plain = {
+        use sha2::{Digest, Sha256};
+        hex::encode(Sha256::digest(crate::mcp::jsonrpc::canonical(&args).as_bytes()))
+    };
+    assert_ne!(mcp.arguments_hmac.as_deref(), Some(plain.as_str()));
+    let keyed = hex::encode(crate::audit::hmac_sha256(&rig.config.arguments_key, crate::mcp::jsonrpc::canonical(&args).as_bytes()));
+    assert_eq!(mcp.arguments_hmac.as_deref(), Some(keyed.as_str()));
     assert_eq!((facts.route.as_deref(), facts.project.as_deref()), (Some("projects.trigger"), Some(PA)));
     let record = facts.record_reason(&crate::audit::VmOrigin::default(), 1, None, None).to_json();
     assert!(!String::from_utf8_lossy(&record).contains(secret), "an argument value reached the audit record");
@@ -657,5 +670,81 @@ fn a_stale_policy_fails_mcp_closed_and_leaves_the_rest_alone() -> Outcome {
     assert_eq!((step.flow, reply(&step).is_none()), (Flow::Continue, true));
     let step = Exchange::new().on_request_headers(headers("GET", "/api/v1/projects", &[("authorization", &auth)]), true, &mut rig.vm(), &host);
     assert_eq!(reply(&step).map(|r| r.0), Some(403));
+    Ok(())
+}
+
+#[test]
+fn trailers_end_a_body_and_never_let_a_waiting_head_go_on() -> Outcome {
+    let mut rig = Rig::new()?;
+    let good = format!("Bearer {}", tok(1));
+    // REST: a body and trailers while the rate-limit answer is pending.
+    let host = MockHost::new(b"");
+    let mut ex = Exchange::new();
+    let step = ex.on_request_headers(headers("POST", &format!("/api/v1/mcp/projects/{PA}/trigger"), &[("authorization", &good)]), false, &mut rig.vm(), &host);
+    assert!(ask(&step).is_some());
+    assert_eq!(ex.on_request_body(20, false, &mut rig.vm(), &host).flow, Flow::Pause);
+    assert_eq!(ex.on_request_trailers(&mut rig.vm(), &host).flow, Flow::Pause, "trailers let an undecided request go on");
+    // The endpoint: trailers end the body, which is then read.
+    let body = br#"{"jsonrpc":"2.0","id":1,"method":"tools/list"}"#;
+    let host = MockHost::new(body);
+    let mut ex = Exchange::new();
+    let step = ex.on_request_headers(headers("POST", "/api/v1/mcp", &[("authorization", &good), ("content-type", "application/json")]), false, &mut rig.vm(), &host);
+    assert_eq!(step.flow, Flow::Pause);
+    assert_eq!(ex.on_request_body(body.len(), false, &mut rig.vm(), &host).flow, Flow::Pause);
+    let step = ex.on_request_trailers(&mut rig.vm(), &host);
+    let (status, _, b) = reply(&step).ok_or("trailers did not end the body")?;
+    assert_eq!((status, b["result"]["tools"].is_array()), (200, true));
+    // A shaped response ends at its trailers too: the project list is
+    // filtered, never passed on raw.
+    let mut ex = Exchange::new();
+    let h = MockHost::new(b"");
+    ex.on_request_headers(headers("GET", "/api/v1/mcp/projects", &[("authorization", &good)]), true, &mut rig.vm(), &h);
+    end_of(&ex.on_limit(LimitAnswer::Decided(allowed(), Ownership::Confirmed), &mut rig.vm(), &h), false)?;
+    ex.on_response_headers(Some("200"), None, Some("application/json"), false);
+    let list = format!(r#"[{{"id":"{PA}"}},{{"id":"{PX}"}}]"#);
+    *h.response_body.borrow_mut() = list.clone().into_bytes();
+    assert_eq!(ex.on_response_body(list.len(), false, &h).flow, Flow::Pause);
+    let step = ex.on_response_trailers(&h);
+    let out = step.effects.iter().find_map(|e| match e {
+        Effect::ReplaceResponseBody { bytes, .. } => serde_json::from_slice::<Value>(bytes).ok(),
+        _ => None,
+    });
+    assert_eq!(out, Some(json!([{"id": PA}])));
+    Ok(())
+}
+
+#[test]
+fn the_endpoint_refuses_other_origins_encoded_bodies_and_floods() -> Outcome {
+    let mut rig = Rig::new()?;
+    let host = MockHost::new(b"");
+    let good = format!("Bearer {}", tok(1));
+    let head = |extra: &[(&str, &str)]| {
+        let mut h = vec![("authorization", good.as_str()), ("content-type", "application/json")];
+        h.extend_from_slice(extra);
+        headers("POST", "/api/v1/mcp", &h)
+    };
+    for (origin, ok) in [("https://infrabox.test", true), ("http://infrabox.test:8443", true), ("https://evil.test", false), ("null", false), ("https://infrabox.test.evil.test", false)] {
+        let step = Exchange::new().on_request_headers(head(&[("origin", origin)]), false, &mut rig.vm(), &host);
+        let refused = reply(&step).map(|r| (r.0, r.2["error"].clone()));
+        assert_eq!(refused.is_none(), ok, "{origin}: {refused:?}");
+        if !ok {
+            assert_eq!(refused, Some((403, json!("origin_forbidden"))));
+        }
+    }
+    let step = Exchange::new().on_request_headers(head(&[("content-encoding", "gzip")]), false, &mut rig.vm(), &host);
+    assert_eq!(reply(&step).map(|r| r.0), Some(415));
+    // Messages other than tool calls: twice the default limit (30) per window.
+    let body = br#"{"jsonrpc":"2.0","id":1,"method":"tools/list"}"#;
+    let host = MockHost::new(body);
+    let mut statuses = Vec::new();
+    for _ in 0..62 {
+        let mut ex = Exchange::new();
+        let len = body.len().to_string();
+        ex.on_request_headers(head(&[("content-length", &len)]), false, &mut rig.vm(), &host);
+        let step = ex.on_request_body(body.len(), true, &mut rig.vm(), &host);
+        statuses.push(reply(&step).map(|r| r.0).unwrap_or(0));
+    }
+    assert!(statuses[..60].iter().all(|s| *s == 200), "{statuses:?}");
+    assert_eq!(&statuses[60..], &[429, 429]);
     Ok(())
 }

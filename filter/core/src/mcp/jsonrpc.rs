@@ -74,12 +74,17 @@ impl RpcError {
         }
     }
 
-    /// The HTTP status it travels with (the 2026-07-28 transport's table;
-    /// the 2025-11-25 transport leaves it open and clients accept it).
-    pub fn http_status(&self) -> u32 {
-        match self.code {
-            METHOD_NOT_FOUND => 404,
-            INTERNAL_ERROR => 500,
+    /// The HTTP status it travels with: the 2026-07-28 transport's table
+    /// (400, 404 for an unknown method); in the handshake revisions 400 only
+    /// for a body that is no request, else 200 — their clients read a 404
+    /// as "session gone" and never see the error. `era`: `None` when the
+    /// request never got far enough to tell.
+    pub fn http_status(&self, era: Option<super::Era>) -> u32 {
+        match (era, self.code) {
+            (_, PARSE_ERROR | INVALID_REQUEST) => 400,
+            (Some(super::Era::Handshake), _) => 200,
+            (_, METHOD_NOT_FOUND) => 404,
+            (_, INTERNAL_ERROR) => 500,
             _ => 400,
         }
     }
@@ -135,8 +140,10 @@ pub fn parse(body: &[u8]) -> Result<Message, RpcError> {
     let method = match object.remove("method") {
         Some(Value::String(m)) if !m.is_empty() && m.len() <= 128 => m,
         Some(Value::String(_)) => return fail("method must be 1-128 characters"),
+        // A response (to a request this server never sent): the error
+        // answer to it has no id.
         None if object.contains_key("result") || object.contains_key("error") => {
-            return fail("this server sends no requests, so it takes no responses")
+            return Err(RpcError::new(None, INVALID_REQUEST, "this server sends no requests, so it takes no responses"))
         }
         _ => return fail("method must be a string"),
     };

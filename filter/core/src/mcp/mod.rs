@@ -34,7 +34,9 @@ pub const METADATA_PATH: &str = "/.well-known/oauth-protected-resource/api/v1/mc
 /// The per-request-envelope revision.
 pub const MODERN_VERSION: &str = "2026-07-28";
 /// Handshake revisions served, newest first.
-pub const HANDSHAKE_VERSIONS: [&str; 3] = ["2025-11-25", "2025-06-18", "2025-03-26"];
+/// (2025-03-26 is not among them: it requires JSON-RPC batches, which this
+/// server refuses; a client asking for it is offered 2025-11-25.)
+pub const HANDSHAKE_VERSIONS: [&str; 2] = ["2025-11-25", "2025-06-18"];
 const META_VERSION: &str = "io.modelcontextprotocol/protocolVersion";
 const META_CAPABILITIES: &str = "io.modelcontextprotocol/clientCapabilities";
 const META_SERVER_INFO: &str = "io.modelcontextprotocol/serverInfo";
@@ -83,18 +85,18 @@ pub enum Dispatch {
     Accepted { method: String },
     /// A valid tool call: run its REST request through the pipeline.
     Call { id: Id, era: Era, tool: String, arguments: Value, call: RestCall },
-    /// A JSON-RPC error.
-    Error { error: RpcError, method: Option<String> },
+    /// A JSON-RPC error; `era` when the envelope was read.
+    Error { error: RpcError, method: Option<String>, era: Option<Era> },
 }
 
 /// Decides on one parsed message of a token with (or without) the trigger grant.
 pub fn dispatch(message: Message, headers: &RoutingHeaders, allow_trigger: bool, config: &PluginConfig) -> Dispatch {
     let Message { id, method, params } = message;
-    let fail = |error: RpcError| Dispatch::Error { error, method: Some(method.clone()) };
     let era = match check_envelope(id.as_ref(), &method, &params, headers) {
         Ok(era) => era,
-        Err(e) => return fail(e),
+        Err(error) => return Dispatch::Error { error, method: Some(method.clone()), era: None },
     };
+    let fail = |error: RpcError| Dispatch::Error { error, method: Some(method.clone()), era: Some(era) };
     let Some(id) = id else {
         return Dispatch::Accepted { method };
     };
@@ -167,7 +169,8 @@ fn check_envelope(id: Option<&Id>, method: &str, params: &Map<String, Value>, he
         }
     }
     if let (Some(h), "tools/call") = (headers.name.first(), method) {
-        if params.get("name").and_then(Value::as_str) != Some(decode_header(h).as_deref().unwrap_or("\u{0}")) {
+        let named = params.get("name").and_then(Value::as_str);
+        if decode_header(h).is_none() || named != decode_header(h).as_deref() {
             return Err(mismatch("the Mcp-Name header does not match the body's tool name"));
         }
     }

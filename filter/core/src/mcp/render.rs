@@ -67,12 +67,11 @@ pub fn answer(a: &Answer<'_>, form: Form, era: Era) -> Value {
     }
     let ct = a.content_type.to_ascii_lowercase();
     if ct.contains("json") {
-        if let Ok(v) = serde_json::from_slice::<Value>(a.body) {
-            let structured = if v.is_object() { v.clone() } else { json!({"result": v}) };
-            return complete(
-                json!({"content": [text(v.to_string())], "structuredContent": structured, "isError": false}),
-                era,
-            );
+        if let (Ok(v), Ok(raw)) = (serde_json::from_slice::<Value>(a.body), std::str::from_utf8(a.body)) {
+            // The text block is the body as InfraBox sent it (no second
+            // rendering of a large document in the VM's memory).
+            let structured = if v.is_object() { v } else { json!({"result": v}) };
+            return complete(json!({"content": [text(raw)], "structuredContent": structured, "isError": false}), era);
         }
     }
     if ct.starts_with("text/") || (ct.contains("json") && std::str::from_utf8(a.body).is_ok()) {
@@ -92,13 +91,13 @@ pub fn answer(a: &Answer<'_>, form: Form, era: Era) -> Value {
 /// What an agent is told of a non-2xx upstream answer: InfraBox's own
 /// message when it sent one.
 fn upstream_failure(a: &Answer<'_>) -> String {
+    // InfraBox's error shape `{"message": …}`; never raw body bytes (a
+    // failed answer of a filtered route must not leak what it filters).
     let message = serde_json::from_slice::<Value>(a.body)
         .ok()
-        .and_then(|v| v.get("message").and_then(Value::as_str).map(str::to_string))
-        .unwrap_or_else(|| {
-            let s = String::from_utf8_lossy(a.body.get(..a.body.len().min(256)).unwrap_or_default()).into_owned();
-            s.chars().map(|c| if c.is_control() { ' ' } else { c }).collect::<String>().trim().to_string()
-        });
+        .and_then(|v| v.get("message").and_then(Value::as_str).map(|m| m.chars().take(256).collect::<String>()))
+        .map(|m| m.chars().map(|c| if c.is_control() { ' ' } else { c }).collect::<String>().trim().to_string())
+        .unwrap_or_default();
     let what = match a.status {
         0 => "InfraBox did not answer".to_string(),
         s => format!("InfraBox answered HTTP {s}"),
@@ -159,7 +158,9 @@ mod tests {
         assert_eq!(r["content"][0]["text"], "InfraBox answered HTTP 404: Build not found");
         let r = answer(&a(502, "text/html", b"<html>\n\x07bad gateway", 20), Form::Log, Era::Handshake);
         assert_eq!(r["isError"], true);
-        assert!(r["content"][0]["text"].as_str().unwrap_or_default().ends_with("retrying later may help"));
+        assert_eq!(r["content"][0]["text"], "InfraBox answered HTTP 502; retrying later may help", "no raw body bytes");
+        let r = answer(&a(403, "application/json", br#"[{"id":"p-secret"}]"#, 20), Form::ByType, Era::Handshake);
+        assert_eq!(r["content"][0]["text"], "InfraBox answered HTTP 403", "a list body is never echoed");
     }
 
     #[test]
