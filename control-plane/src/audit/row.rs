@@ -149,7 +149,8 @@ impl AuditRow {
             ip,
             accessed_at,
             method: cut(&record.method, audit::MAX_METHOD_BYTES),
-            path: cut(&record.path, audit::MAX_PATH_BYTES),
+            // Masked again here: the sink never trusts the writer to have.
+            path: cut(&audit::sanitize_path(&record.path), audit::MAX_PATH_BYTES),
             status_code: i16::try_from(status).ok().filter(|s| *s > 0),
             duration_us,
             bytes_in: i64::try_from(bytes_in).unwrap_or(i64::MAX),
@@ -268,6 +269,49 @@ pub(crate) mod tests {
             }),
             ..Default::default()
         }
+    }
+
+    /// Found by the `access_log` fuzz target: the row's path is masked by
+    /// the sink too, whatever the record says.
+    #[test]
+    fn a_token_like_path_in_a_record_is_masked_in_the_row() {
+        let mut r = record(6);
+        r.path = "/api/v1/mcp/IB_MCP_0123456789abcdef0123456789abcdef0123456789abcdef/x".into();
+        let row = AuditRow::from_entry(&entry(Some(&r), 401)).unwrap();
+        assert!(!row.path.to_ascii_lowercase().contains("ib_mcp_"), "{}", row.path);
+        assert!(row.path.contains("[redacted]"), "{}", row.path);
+    }
+
+    /// A tool call's row: outcome from InfraBox's status, the MCP facts in
+    /// `details`, only a well-formed digest kept.
+    #[test]
+    fn a_tool_call_row_takes_its_outcome_from_the_upstream_status() {
+        let mut r = record(7);
+        r.mcp = Some(mcp_filter_core::audit::McpFacts {
+            method: "tools/call".into(),
+            tool: Some("get_build".into()),
+            arguments_hmac: Some("ab".repeat(32)),
+        });
+        let mut e = entry(Some(&r), 200);
+        if let Some(c) = e.common_properties.as_mut() {
+            c.filter_state_objects.insert(
+                RESULT_FILTER_STATE_KEY.to_string(),
+                Any {
+                    type_url: "type.googleapis.com/google.protobuf.BytesValue".into(),
+                    value: BytesValue { value: br#"{"upstream_status":404}"#.to_vec() }.encode_to_vec(),
+                },
+            );
+        }
+        let row = AuditRow::from_entry(&e).unwrap();
+        assert_eq!((row.outcome, row.status_code), (Outcome::NotFound, Some(200)));
+        assert_eq!(row.details["mcp"]["tool"], "get_build");
+        assert_eq!(row.details["mcp"]["upstream_status"], 404);
+        assert_eq!(row.details["mcp"]["arguments_hmac"], "ab".repeat(32));
+        r.mcp = Some(mcp_filter_core::audit::McpFacts { method: "tools/list".into(), tool: None, arguments_hmac: Some("not hex; a value".into()) });
+        r.route = None;
+        let row = AuditRow::from_entry(&entry(Some(&r), 200)).unwrap();
+        assert_eq!(row.action, "mcp.tools/list");
+        assert!(row.details["mcp"]["arguments_hmac"].is_null(), "only a digest is ever kept");
     }
 
     #[test]
