@@ -189,22 +189,26 @@ async fn write_tools_need_the_grant_and_their_arguments_are_audited_as_a_digest(
     let p0 = w.p0.to_string();
     let secret_value = format!("hunter2-{}", Uuid::new_v4().simple());
     let args = json!({"project_id": p0, "branch_or_sha": "main", "env": [{"name": "DEPLOY_KEY", "value": secret_value}]});
-    let before = s.infrabox.builds_of(w.p0).len();
-    let seen = sdk(&s, "auto", &token, json!([{"op": "tools"}, call("trigger_build", args.clone()), call("abort_job", json!({"project_id": p0, "job_id": w.job.to_string()}))])).await;
-    let steps = seen["steps"].as_array().unwrap();
-    let tools = steps[0]["tools"].as_array().unwrap();
-    let abort = tools.iter().find(|t| t["name"] == "abort_job").expect("abort_job listed with the grant");
-    assert_eq!((abort["annotations"]["destructiveHint"].as_bool(), abort["annotations"]["readOnlyHint"].as_bool()), (Some(true), Some(false)));
-    assert!(tools.iter().any(|t| t["name"] == "trigger_build"));
-    assert_eq!(steps[1]["is_error"], false, "{}", steps[1]);
-    assert_eq!(steps[1]["structured"]["message"], "Build triggered", "{}", steps[1]);
-    assert_eq!(s.infrabox.builds_of(w.p0).len(), before + 1, "the trigger reached InfraBox");
-    let trig = s.infrabox.requests_matching(&format!("/api/v1/projects/{p0}/trigger"));
-    assert_eq!(trig.len(), 1);
-    let body: Value = serde_json::from_slice(&trig[0].body).unwrap();
-    assert_eq!(body, json!({"branch_or_sha": "main", "env": [{"name": "DEPLOY_KEY", "value": secret_value}]}), "InfraBox got exactly the trigger body");
-    assert_eq!(steps[2]["is_error"], false, "{}", steps[2]);
-    assert_eq!(s.infrabox.aborted_jobs(), vec![w.job]);
+    // Both revisions: each lists the write tools and triggers once.
+    for (round, mode) in ["auto", "legacy"].into_iter().enumerate() {
+        s.infrabox.clear();
+        let before = s.infrabox.builds_of(w.p0).len();
+        let seen = sdk(&s, mode, &token, json!([{"op": "tools"}, call("trigger_build", args.clone()), call("abort_job", json!({"project_id": p0, "job_id": w.job.to_string()}))])).await;
+        let steps = seen["steps"].as_array().unwrap();
+        let tools = steps[0]["tools"].as_array().unwrap();
+        let abort = tools.iter().find(|t| t["name"] == "abort_job").expect("abort_job listed with the grant");
+        assert_eq!((abort["annotations"]["destructiveHint"].as_bool(), abort["annotations"]["readOnlyHint"].as_bool()), (Some(true), Some(false)), "{mode}");
+        assert!(tools.iter().any(|t| t["name"] == "trigger_build"), "{mode}");
+        assert_eq!(steps[1]["is_error"], false, "{mode}: {}", steps[1]);
+        assert_eq!(steps[1]["structured"]["message"], "Build triggered", "{mode}: {}", steps[1]);
+        assert_eq!(s.infrabox.builds_of(w.p0).len(), before + 1, "{mode}: the trigger reached InfraBox");
+        let trig = s.infrabox.requests_matching(&format!("/api/v1/projects/{p0}/trigger"));
+        assert_eq!(trig.len(), 1, "{mode}");
+        let body: Value = serde_json::from_slice(&trig[0].body).unwrap();
+        assert_eq!(body, json!({"branch_or_sha": "main", "env": [{"name": "DEPLOY_KEY", "value": secret_value}]}), "{mode}: InfraBox got exactly the trigger body");
+        assert_eq!(steps[2]["is_error"], false, "{mode}: {}", steps[2]);
+        assert_eq!(s.infrabox.aborted_jobs(), vec![w.job; round + 1], "{mode}");
+    }
 
     // One row per call: tool, method, digest of the canonical arguments,
     // outcome and status; never an argument's value.
