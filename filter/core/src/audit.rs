@@ -251,6 +251,26 @@ impl RequestFacts {
         facts
     }
 
+    /// The facts of a request `admit` admitted: the same as
+    /// [`describe`](Self::describe) gives (the authenticated token is the
+    /// only MCP secret an admitted request can carry), from what admission
+    /// already found — no second route lookup, no second token hash.
+    pub fn of_admitted(head: &RequestHead<'_>, policy: &Policy, routes: &RouteTable, admitted: &crate::pipeline::Admitted) -> Self {
+        let before_query = head.path.split_once('?').map_or(head.path, |(p, _)| p);
+        let route = routes.get(admitted.route);
+        let grant = policy.grant(admitted.grant);
+        Self {
+            method: truncate(head.method, MAX_METHOD_BYTES).to_string(),
+            path: sanitize_path(before_query),
+            route: route.map(|r| r.name().to_string()),
+            class: route.map(|r| r.class()),
+            project: admitted.params.project.clone(),
+            token_id: grant.map(|g| g.token_id().to_string()),
+            user_id: grant.and_then(|g| policy.user(g.user)).map(|u| u.id.to_string()),
+            mcp: None,
+        }
+    }
+
     /// The record for this request with its verdict.
     pub fn record(&self, origin: &VmOrigin, seq: u64, verdict: Verdict<'_>, rate_limit_remaining: Option<u32>) -> AuditRecord {
         let reason = match verdict {

@@ -290,7 +290,10 @@ impl Exchange {
             self.state = State::Done;
             return Step::go();
         }
-        self.facts = RequestFacts::describe(&head, vm.policy.as_deref(), &config.routes, head.on_infrabox(&config));
+        self.facts = match (&admission, &policy) {
+            (Admission::Admitted(a), Some(p)) => RequestFacts::of_admitted(&head, p, &config.routes, a),
+            _ => RequestFacts::describe(&head, vm.policy.as_deref(), &config.routes, head.on_infrabox(&config)),
+        };
         self.admitted(admission, policy, config, headers.clone(), vm, host)
     }
 
@@ -678,7 +681,11 @@ impl Exchange {
                 synthetic.push((":path".into(), call.path.clone()));
                 let head = RequestHead::new(&synthetic);
                 let mcp_facts = McpFacts::of("tools/call", Some(&tool), Some(&arguments), &key);
-                self.facts = RequestFacts::describe(&head, Some(&policy), &config.routes, true);
+                let admission = pipeline::admit(&head, Some(&policy), &config, host.now_ms() / 1000);
+                self.facts = match &admission {
+                    Admission::Admitted(a) => RequestFacts::of_admitted(&head, &policy, &config.routes, a),
+                    _ => RequestFacts::describe(&head, Some(&policy), &config.routes, true),
+                };
                 // The client's method and path stay those it sent.
                 self.facts.method = "POST".into();
                 self.facts.path = mcp::ENDPOINT.into();
@@ -693,7 +700,6 @@ impl Exchange {
                 effects.push(Effect::ReplaceRequestBody(upstream_body.clone()));
                 effects.push(Effect::SetRequestHeader("content-length".into(), upstream_body.len().to_string()));
                 effects.extend(removed.into_iter().map(Effect::RemoveRequestHeader));
-                let admission = pipeline::admit(&head, Some(&policy), &config, host.now_ms() / 1000);
                 let mut step = self.admitted(admission, Some(policy), config, synthetic, vm, host);
                 effects.append(&mut step.effects);
                 Step { effects, flow: step.flow }

@@ -748,3 +748,30 @@ fn the_endpoint_refuses_other_origins_encoded_bodies_and_floods() -> Outcome {
     assert_eq!(&statuses[60..], &[429, 429]);
     Ok(())
 }
+
+/// What admission found gives the audit the same facts a fresh
+/// description of the request does (the hot path skips the second one).
+#[test]
+fn facts_of_an_admitted_request_equal_its_description() -> Outcome {
+    let rig = Rig::new()?;
+    let policy = rig.policy.clone().ok_or("policy")?;
+    for (token, method, path) in [
+        (tok(1), "GET", format!("/api/v1/mcp/projects/{PA}/builds/{B1}?size=5")),
+        (tok(1), "GET", "/api/v1/mcp/projects".to_string()),
+        (tok(2), "POST", format!("/api/v1/mcp/projects/{PA}/jobs/{J1}/abort")),
+        (tok(1), "GET", format!("/api/v1/mcp/projects/{PX}/jobs/{J1}/log")),
+    ] {
+        let auth = format!("Bearer {token}");
+        let h = headers(method, &path, &[("authorization", &auth), ("x-other", "1")]);
+        let head = RequestHead::new(&h);
+        let Admission::Admitted(a) = pipeline::admit(&head, Some(&policy), &rig.config, NOW_MS / 1000) else {
+            return Err(format!("{path} not admitted"));
+        };
+        assert_eq!(
+            RequestFacts::of_admitted(&head, &policy, &rig.config.routes, &a),
+            RequestFacts::describe(&head, Some(&policy), &rig.config.routes, true),
+            "{path}"
+        );
+    }
+    Ok(())
+}
