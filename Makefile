@@ -16,7 +16,7 @@ export MCP_E2E_RUNTIME ?= process
 export MCP_FILTER_WASM := $(CURDIR)/$(WASM)
 export MCP_CONTROL_PLANE_BIN := $(CURDIR)/target/debug/mcp-control-plane
 
-.PHONY: deps wasm build images validate test test-unit test-e2e run lint clean bench bench-smoke fuzz
+.PHONY: deps wasm build images validate test test-wasm test-unit test-e2e run lint clean bench bench-smoke fuzz
 
 deps:
 	@bash scripts/install-deps.sh
@@ -37,18 +37,24 @@ lint:
 images: build
 	@ENVOY_IMAGE_VERSIONS="$(ENVOY_VERSION) $(ENVOY_OLDEST)" bash scripts/build-images.sh
 
+# The wasm test layer (DESIGN §13.2): the core's tests on
+# wasm32-unknown-unknown under Node; every native test must pass there too.
+test-wasm: deps
+	bash scripts/test-wasm.sh
+
 # envoy --mode validate on every shipped/generated Envoy config, schema and
 # cross-checks of the Istio manifests (also part of `make test`).
 validate: build
 	$(CARGO) test -p mcp-gateway-tests --test configs
 
-# Unit tests first (fast), then the end-to-end suite against real Envoy,
+# Unit tests first (fast; the core's also on wasm32 under Node), then the end-to-end suite against real Envoy,
 # Postgres and Redis started by the harness on free ports — with the core
 # scenarios also in containers when a Docker engine answers — then the
 # gateway and surface suites against the oldest supported Envoy.
 CONTAINER_NOTE := target/container-variant.txt
 test: build
 	$(CARGO) test -p mcp-filter-core -p mcp-control-plane
+	bash scripts/test-wasm.sh
 	@if v=$$(docker version --format '{{.Server.Version}}' 2>&1); then \
 	  echo "[test] container variant: tests/tests/containers.rs runs auth, isolation, forward and revoke with Envoy $(ENVOY_VERSION) in a container (Docker Engine $$v)" > $(CONTAINER_NOTE); \
 	  ENVOY_IMAGE_VERSIONS="$(ENVOY_VERSION) $(ENVOY_OLDEST)" bash scripts/build-images.sh; \

@@ -9,10 +9,12 @@ ENVOY_VERSION="${ENVOY_VERSION:-1.40.0}"
 
 log() { printf '[install] %s\n' "$*" >&2; }
 
-if ! rustup target list --installed 2>/dev/null | grep -q '^wasm32-wasip1$'; then
-  log "adding rust target wasm32-wasip1"
-  rustup target add wasm32-wasip1
-fi
+for target in wasm32-wasip1 wasm32-unknown-unknown; do
+  if ! rustup target list --installed 2>/dev/null | grep -q "^$target\$"; then
+    log "adding rust target $target"
+    rustup target add "$target"
+  fi
+done
 
 need_apt=()
 pg_bin=$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n1 || true)
@@ -22,6 +24,8 @@ command -v openssl >/dev/null || need_apt+=(openssl)
 # scripts/verify-gateway.sh (and its test) talk HTTP with curl.
 command -v curl >/dev/null || need_apt+=(curl)
 command -v python3 >/dev/null || need_apt+=(python3 python3-venv)
+# The wasm test layer (scripts/test-wasm.sh) runs under Node.
+command -v node >/dev/null || need_apt+=(nodejs)
 # `install-deps.sh bench`: the load generator and the instruction counter too.
 if [ "${1:-}" = "bench" ]; then
   command -v wrk >/dev/null || need_apt+=(wrk)
@@ -63,6 +67,13 @@ if ! [ -x .tools/mcp-client/bin/python ] || ! .tools/mcp-client/bin/python -c "i
   log "installing mcp==$MCP_SDK_VERSION (the MCP Python SDK) into .tools/mcp-client"
   python3 -m venv .tools/mcp-client
   .tools/mcp-client/bin/pip install -q --disable-pip-version-check "mcp==$MCP_SDK_VERSION"
+fi
+# The wasm test layer's runner: wasm-bindgen-test-runner of exactly the
+# wasm-bindgen version Cargo.lock pins (the runner refuses any other).
+WASM_BINDGEN_VERSION=$(awk '/^name = "wasm-bindgen"$/ {getline; gsub(/[^0-9.]/, ""); print; exit}' Cargo.lock)
+if ! [ -x .tools/wasm-bindgen/bin/wasm-bindgen-test-runner ] || [ "$(.tools/wasm-bindgen/bin/wasm-bindgen --version 2>/dev/null | awk '{print $2}')" != "$WASM_BINDGEN_VERSION" ]; then
+  log "installing wasm-bindgen-cli $WASM_BINDGEN_VERSION into .tools/wasm-bindgen"
+  cargo install -q wasm-bindgen-cli --version "$WASM_BINDGEN_VERSION" --root .tools/wasm-bindgen --force
 fi
 # `install-deps.sh fuzz`: the nightly toolchain and cargo-fuzz (make fuzz).
 if [ "${1:-}" = "fuzz" ]; then

@@ -498,6 +498,8 @@ pub fn reason_outcome(reason: &str) -> Option<Outcome> {
 #[cfg(test)]
 mod hmac_tests {
     use super::*;
+    #[cfg(all(target_family = "wasm", target_os = "unknown"))]
+    use wasm_bindgen_test::wasm_bindgen_test as test;
 
     #[test]
     fn hmac_matches_rfc_4231_with_a_32_byte_key() {
@@ -516,6 +518,8 @@ mod hmac_tests {
 #[cfg(test)]
 mod tests {
     use std::collections::BTreeMap;
+    #[cfg(all(target_family = "wasm", target_os = "unknown"))]
+    use wasm_bindgen_test::wasm_bindgen_test as test;
 
     use super::*;
     use crate::snapshot::{Limits, Snapshot, SnapshotToken, SnapshotUser, SCHEMA as SNAPSHOT_SCHEMA};

@@ -87,6 +87,8 @@ fn port_ok(port: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    #[cfg(all(target_family = "wasm", target_os = "unknown"))]
+    use wasm_bindgen_test::wasm_bindgen_test as test;
 
     fn hosts() -> Result<Hosts, String> {
         Hosts::parse(&["infrabox.example.com".into(), "127.0.0.1".into(), "[::1]".into()])

@@ -192,6 +192,8 @@ impl Interval {
 #[cfg(test)]
 mod tests {
     use super::*;
+    #[cfg(all(target_family = "wasm", target_os = "unknown"))]
+    use wasm_bindgen_test::wasm_bindgen_test as test;
 
     fn key(address: &str, reason: &str) -> Key {
         Key { address: address.into(), reason: reason.into(), token_id: None }

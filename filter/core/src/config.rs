@@ -272,6 +272,8 @@ fn redact(e: String) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    #[cfg(all(target_family = "wasm", target_os = "unknown"))]
+    use wasm_bindgen_test::wasm_bindgen_test as test;
 
     type TestResult<T = ()> = Result<T, Box<dyn std::error::Error>>;
 

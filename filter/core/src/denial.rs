@@ -160,6 +160,8 @@ impl Denial {
 #[cfg(test)]
 mod tests {
     use super::*;
+    #[cfg(all(target_family = "wasm", target_os = "unknown"))]
+    use wasm_bindgen_test::wasm_bindgen_test as test;
 
     #[test]
     fn body_is_json_with_escaping() -> Result<(), serde_json::Error> {

@@ -121,6 +121,8 @@ fn uuid_bits(s: &str) -> Option<u128> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    #[cfg(all(target_family = "wasm", target_os = "unknown"))]
+    use wasm_bindgen_test::wasm_bindgen_test as test;
 
     const P: &str = "0b7a4c2e-1f3d-4c5b-9a8e-7d6c5b4a3f21";
     const Q: &str = "1b7a4c2e-1f3d-4c5b-9a8e-7d6c5b4a3f21";

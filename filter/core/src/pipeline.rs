@@ -273,6 +273,8 @@ pub fn is_stripped_header(name: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use std::collections::BTreeMap;
+    #[cfg(all(target_family = "wasm", target_os = "unknown"))]
+    use wasm_bindgen_test::wasm_bindgen_test as test;
 
     use super::*;
     use crate::snapshot::{Limits, Snapshot, SnapshotToken, SnapshotUser, SCHEMA};

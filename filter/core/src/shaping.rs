@@ -65,6 +65,8 @@ pub fn tail_drop(total: u64, max: u64, seen: u64, chunk: usize) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+    #[cfg(all(target_family = "wasm", target_os = "unknown"))]
+    use wasm_bindgen_test::wasm_bindgen_test as test;
 
     type TestResult<T = ()> = Result<T, Box<dyn std::error::Error>>;
 

@@ -132,6 +132,8 @@ impl std::error::Error for SnapshotError {}
 #[cfg(test)]
 mod tests {
     use super::*;
+    #[cfg(all(target_family = "wasm", target_os = "unknown"))]
+    use wasm_bindgen_test::wasm_bindgen_test as test;
 
     #[test]
     fn tokens_go_out_as_compact_arrays_and_come_back_either_way() -> Result<(), serde_json::Error> {

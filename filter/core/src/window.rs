@@ -292,6 +292,8 @@ fn log_of(c: &Counting, limit: u32) -> Vec<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    #[cfg(all(target_family = "wasm", target_os = "unknown"))]
+    use wasm_bindgen_test::wasm_bindgen_test as test;
     use proptest::prelude::*;
 
     /// The reference: a plain list of admission times, scanned in full.
@@ -421,6 +423,34 @@ mod tests {
                 bytes = w.encode();
                 prop_assert_eq!(got, model.decide(now, limit, window), "at {}", now);
                 prop_assert!(w.len() <= limit as usize);
+            }
+        }
+
+        /// Real clocks are epoch milliseconds (beyond 2^40), and the wasm
+        /// build has a 32-bit `usize`: the same arrivals shifted to today's
+        /// epoch get exactly the same decisions, in both forms (the exact
+        /// log and the counting buckets, whose boundaries are multiples of
+        /// the bucket width: the shift is one too), so no time arithmetic
+        /// narrows.
+        #[test]
+        fn decisions_do_not_depend_on_the_epoch(
+            limit in prop_oneof![1u32..8, 65u32..80, Just(1_000_000u32)],
+            window in prop_oneof![1u64..3_000, Just(60_000u64), Just(3_600_000u64)],
+            gaps in proptest::collection::vec(0u64..2_000, 1..120),
+        ) {
+            const EPOCH_MS: u64 = 1_764_547_200_000; // 2025-12-01, > 2^40
+            let bucket_ms = window.div_ceil(BUCKETS);
+            let shift = EPOCH_MS - EPOCH_MS % bucket_ms;
+            let (mut near, mut far) = (Vec::new(), Vec::new());
+            let mut t = 0u64;
+            for gap in gaps {
+                t += gap;
+                let (mut a, mut b) = (SlidingWindow::decode(&near), SlidingWindow::decode(&far));
+                let (da, db) = (a.decide(t, limit, window), b.decide(shift + t, limit, window));
+                prop_assert_eq!((da.allowed, da.remaining, da.reset_seconds()), (db.allowed, db.remaining, db.reset_seconds()), "at +{}", t);
+                near = a.encode();
+                far = b.encode();
+                prop_assert_eq!(near.len(), far.len());
             }
         }
 

@@ -6,6 +6,8 @@ use base64::Engine;
 use proptest::prelude::*;
 
 use super::*;
+#[cfg(all(target_family = "wasm", target_os = "unknown"))]
+use wasm_bindgen_test::wasm_bindgen_test as test;
 
 const T: &str = "ib_mcp_0123456789abcdef0123456789abcdef0123456789abcdef";
 

@@ -8,6 +8,8 @@ use std::collections::{BTreeMap, HashMap};
 use serde_json::{json, Value};
 
 use super::*;
+#[cfg(all(target_family = "wasm", target_os = "unknown"))]
+use wasm_bindgen_test::wasm_bindgen_test as test;
 use crate::snapshot::{Limits, Snapshot, SnapshotToken, SnapshotUser, SCHEMA};
 use crate::token;
 use crate::window::SlidingWindow;
@@ -534,6 +536,8 @@ fn a_secret_in_the_body_is_refused_in_every_spelling() -> Outcome {
 
 mod never_panics {
     use proptest::prelude::*;
+    #[cfg(all(target_family = "wasm", target_os = "unknown"))]
+    use wasm_bindgen_test::wasm_bindgen_test as test;
 
     use super::*;
 

@@ -132,6 +132,8 @@ pub fn denial(d: &Denial, hint: Option<&str>, era: Era) -> Value {
 #[cfg(test)]
 mod tests {
     use super::*;
+    #[cfg(all(target_family = "wasm", target_os = "unknown"))]
+    use wasm_bindgen_test::wasm_bindgen_test as test;
     use crate::denial::ErrorCode;
 
     fn a<'a>(status: u32, ct: &'a str, body: &'a [u8], total: u64) -> Answer<'a> {

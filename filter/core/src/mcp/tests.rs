@@ -4,6 +4,8 @@ use serde_json::json;
 
 use super::jsonrpc::{parse, METHOD_NOT_FOUND};
 use super::*;
+#[cfg(all(target_family = "wasm", target_os = "unknown"))]
+use wasm_bindgen_test::wasm_bindgen_test as test;
 
 fn config() -> Result<PluginConfig, String> {
     PluginConfig::parse(br#"{"snapshot_secret":"0123456789abcdef","hosts":["infrabox.test"]}"#).map_err(|e| e.to_string())

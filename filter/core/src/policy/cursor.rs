@@ -189,6 +189,8 @@ impl<R: Read> ValueCursor<R> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    #[cfg(all(target_family = "wasm", target_os = "unknown"))]
+    use wasm_bindgen_test::wasm_bindgen_test as test;
 
     /// Every value of a top-level array, reading `step` bytes at a time.
     fn values(doc: &str, step: usize) -> Result<Vec<String>, SnapshotError> {

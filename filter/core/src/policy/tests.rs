@@ -6,6 +6,8 @@ use std::collections::BTreeMap;
 use serde_json::json;
 
 use super::*;
+#[cfg(all(target_family = "wasm", target_os = "unknown"))]
+use wasm_bindgen_test::wasm_bindgen_test as test;
 use crate::snapshot::{SnapshotToken, SnapshotUser, SCHEMA};
 
 type Outcome = Result<(), Box<dyn std::error::Error>>;
