@@ -16,7 +16,7 @@ export MCP_E2E_RUNTIME ?= process
 export MCP_FILTER_WASM := $(CURDIR)/$(WASM)
 export MCP_CONTROL_PLANE_BIN := $(CURDIR)/target/debug/mcp-control-plane
 
-.PHONY: deps wasm build images validate test test-wasm test-unit test-e2e run lint clean bench bench-smoke fuzz
+.PHONY: deps wasm build images validate test test-wasm drills soak test-unit test-e2e run lint clean bench bench-smoke fuzz
 
 deps:
 	@bash scripts/install-deps.sh
@@ -81,6 +81,21 @@ bench-smoke: build
 	@bash scripts/install-deps.sh bench
 	$(CARGO) build --profile perf -p mcp-filter-core --example replay
 	MCP_BENCH_PROFILE=perf $(CURDIR)/target/debug/mcp-bench --smoke
+
+# Failure drills under load (tests/src/drills.rs): every part killed with
+# SIGKILL alone and in pairs, and an Envoy hot restart, while a mixed load
+# runs; writes bench/drills.md, fails if a promise broke. `make test` runs
+# the short form (tests/tests/drills.rs).
+drills: build
+	$(CURDIR)/target/debug/mcp-drills $(DRILLS_ARGS)
+
+# A steady mixed load with token churn and collaborator drift, no faults
+# (SOAK_SECONDS, default one hour; not in CI): bench/soak.md, .csv, .png.
+SOAK_SECONDS ?= 3600
+soak: build
+	@bash scripts/install-deps.sh soak
+	SOAK_SECONDS=$(SOAK_SECONDS) $(CURDIR)/target/debug/mcp-soak
+	.tools/plot/bin/python scripts/plot-soak.py bench/soak.csv
 
 # cargo-fuzz targets (fuzz/, nightly): each runs FUZZ_SECONDS (default 60)
 # from its seeds; writes bench/fuzz.md. CI runs them a few seconds each so

@@ -75,6 +75,12 @@ if ! [ -x .tools/wasm-bindgen/bin/wasm-bindgen-test-runner ] || [ "$(.tools/wasm
   log "installing wasm-bindgen-cli $WASM_BINDGEN_VERSION into .tools/wasm-bindgen"
   cargo install -q wasm-bindgen-cli --version "$WASM_BINDGEN_VERSION" --root .tools/wasm-bindgen --force
 fi
+# `install-deps.sh soak`: matplotlib for the soak's plot (make soak).
+if [ "${1:-}" = "soak" ] && ! .tools/plot/bin/python -c 'import matplotlib' 2>/dev/null; then
+  log "installing matplotlib into .tools/plot"
+  python3 -m venv .tools/plot
+  .tools/plot/bin/pip install -q --disable-pip-version-check matplotlib
+fi
 # `install-deps.sh fuzz`: the nightly toolchain and cargo-fuzz (make fuzz).
 if [ "${1:-}" = "fuzz" ]; then
   if ! rustup toolchain list 2>/dev/null | grep -q '^nightly'; then

@@ -103,6 +103,24 @@ impl ControlPlane {
         bail!("control plane did not become healthy; log:\n{}", self.log_contents())
     }
 
+    /// SIGKILL (a crash); ports stay reserved for [`restart`](Self::restart).
+    pub fn kill(&mut self) -> Result<()> {
+        if let Some(mut p) = self.process.take() {
+            p.kill()?;
+        }
+        Ok(())
+    }
+
+    /// Whether the process is running.
+    pub fn is_running(&mut self) -> bool {
+        self.process.as_mut().is_some_and(|p| p.is_running())
+    }
+
+    /// The process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.process.as_ref().map(|p| p.pid())
+    }
+
     /// Stops the process (SIGTERM); ports stay reserved for [`restart`](Self::restart).
     pub fn stop(&mut self) -> Result<()> {
         if let Some(mut p) = self.process.take() {

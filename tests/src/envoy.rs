@@ -88,6 +88,10 @@ pub struct EnvoyOptions {
     /// Fixed listener port (for `make run`); a free one when `None`.
     pub listen_port: Option<u16>,
     pub concurrency: u32,
+    /// Start with hot restart enabled (a base id of its own), so
+    /// [`Envoy::hot_restart`] can hand the listeners to a new process.
+    /// Processes only.
+    pub hot_restart: bool,
 }
 
 /// Where the config and the module are inside an Envoy container.
@@ -106,6 +110,17 @@ pub struct Envoy {
     listen: SocketAddr,
     admin: SocketAddr,
     config_path: PathBuf,
+    /// Hot restart: the shared base id, the current epoch, the arguments.
+    hot: Option<HotRestart>,
+    /// Processes of earlier epochs still draining.
+    draining: Vec<ManagedProcess>,
+}
+
+struct HotRestart {
+    base_id: String,
+    epoch: u32,
+    args: Vec<String>,
+    dir: PathBuf,
 }
 
 impl Envoy {
@@ -166,15 +181,25 @@ impl Envoy {
         let config_path = dir.join("envoy.yaml");
         let config = render(&template, &vars)?;
         std::fs::write(&config_path, &config)?;
-        let args = [
+        let mut args = vec![
             "--concurrency".to_string(),
             opts.concurrency.max(1).to_string(),
-            "--disable-hot-restart".into(),
             "-l".into(),
             "info".into(),
             "--component-log-level".into(),
             "wasm:info,http:warning,router:warning".into(),
         ];
+        let base_id_path = dir.join("base-id");
+        if opts.hot_restart {
+            if runtime != Runtime::Process {
+                bail!("hot restart is supported for Envoy processes only");
+            }
+            // A drain of a second, then the old epoch exits three seconds
+            // after the new one started.
+            args.extend(["--drain-time-s", "1", "--parent-shutdown-time-s", "3", "--drain-strategy", "immediate"].map(String::from));
+        } else {
+            args.push("--disable-hot-restart".into());
+        }
         let runner = match runtime {
             Runtime::Process => {
                 let bin = envoy_bin();
@@ -183,13 +208,16 @@ impl Envoy {
                 }
                 let mut cmd = Command::new(&bin);
                 cmd.arg("-c").arg(&config_path).args(&args);
+                if opts.hot_restart {
+                    cmd.args(["--use-dynamic-base-id", "--base-id-path"]).arg(&base_id_path).args(["--restart-epoch", "0"]);
+                }
                 Runner::Process(ManagedProcess::spawn("envoy", cmd, &dir.join("envoy.log"))?)
             }
             Runtime::Container => {
                 let spec = ContainerSpec {
                     role: "envoy".into(),
                     image: crate::container::envoy_image(),
-                    cmd: ["envoy", "-c", CONTAINER_CONFIG].into_iter().map(String::from).chain(args).collect(),
+                    cmd: ["envoy", "-c", CONTAINER_CONFIG].into_iter().map(String::from).chain(args.clone()).collect(),
                     env: Vec::new(),
                     files: vec![
                         (CONTAINER_CONFIG.into(), config.into_bytes(), 0o444),
@@ -204,9 +232,57 @@ impl Envoy {
             listen: SocketAddr::from(([127, 0, 0, 1], listen_port)),
             admin: SocketAddr::from(([127, 0, 0, 1], admin_port)),
             config_path,
+            hot: None,
+            draining: Vec::new(),
         };
         envoy.wait_ready(Duration::from_secs(30))?;
+        if opts.hot_restart {
+            let base_id = std::fs::read_to_string(&base_id_path).context("reading Envoy's base id")?.trim().to_string();
+            envoy.hot = Some(HotRestart { base_id, epoch: 0, args, dir });
+        }
         Ok(envoy)
+    }
+
+    /// A graceful restart (Envoy's hot restart): a new process of the next
+    /// epoch takes the listening sockets over, the old one drains its
+    /// connections and exits a few seconds later (see
+    /// [`wait_drained`](Self::wait_drained)). Returns once the new process
+    /// is ready.
+    pub fn hot_restart(&mut self) -> Result<()> {
+        let Some(hot) = self.hot.as_mut() else { bail!("this Envoy was not started with hot_restart") };
+        hot.epoch += 1;
+        let mut cmd = Command::new(envoy_bin());
+        cmd.arg("-c")
+            .arg(&self.config_path)
+            .args(&hot.args)
+            .args(["--base-id", &hot.base_id, "--restart-epoch", &hot.epoch.to_string()]);
+        let next = ManagedProcess::spawn("envoy", cmd, &hot.dir.join(format!("envoy-epoch-{}.log", hot.epoch)))?;
+        let old = std::mem::replace(&mut self.runner, Runner::Process(next));
+        if let Runner::Process(p) = old {
+            self.draining.push(p);
+        }
+        self.wait_ready(Duration::from_secs(30))
+    }
+
+    /// Waits until every earlier epoch has exited on its own.
+    pub fn wait_drained(&mut self, timeout: Duration) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        while self.draining.iter_mut().any(|p| p.is_running()) {
+            if Instant::now() > deadline {
+                bail!("an earlier Envoy epoch is still running after {timeout:?}");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        self.draining.clear();
+        Ok(())
+    }
+
+    /// The process id of the current epoch (processes only).
+    pub fn pid(&self) -> Option<u32> {
+        match &self.runner {
+            Runner::Process(p) => Some(p.pid()),
+            Runner::Container(_) => None,
+        }
     }
 
     fn wait_ready(&mut self, timeout: Duration) -> Result<()> {

@@ -164,7 +164,46 @@ struct NewRows {
     jobs: Vec<(Uuid, String)>,
 }
 
+impl JobRecord {
+    fn finished(job: Uuid, project: Uuid, name: String) -> Self {
+        Self {
+            project,
+            name,
+            state: "finished".into(),
+            console: None,
+            live_console: None,
+            archive: vec![("report.xml".to_string(), Bytes::from(format!("<testsuite name=\"{job}\" tests=\"1\"/>\n")))],
+            output: None,
+        }
+    }
+}
+
 impl Model {
+    /// The builds and jobs already in InfraBox's tables (a restarted
+    /// InfraBox serves what its database holds), as finished jobs.
+    async fn load(pool: &PgPool) -> Self {
+        let mut model = Self::default();
+        let builds = sqlx::query("SELECT id, build_number, restart_counter, project_id FROM build").fetch_all(pool).await.unwrap_or_default();
+        for b in builds {
+            let record = BuildRecord {
+                project: b.get("project_id"),
+                build_number: i64::from(b.get::<i32, _>("build_number")),
+                restart_counter: i64::from(b.get::<i32, _>("restart_counter")),
+                jobs: Vec::new(),
+            };
+            model.builds.insert(b.get("id"), record);
+        }
+        let jobs = sqlx::query("SELECT id, build_id, name, project_id FROM job ORDER BY name DESC").fetch_all(pool).await.unwrap_or_default();
+        for j in jobs {
+            let (id, build, project): (Uuid, Uuid, Uuid) = (j.get("id"), j.get("build_id"), j.get("project_id"));
+            model.jobs.insert(id, JobRecord::finished(id, project, j.get("name")));
+            if let Some(b) = model.builds.get_mut(&build) {
+                b.jobs.push(id);
+            }
+        }
+        model
+    }
+
     fn add_build(&mut self, project: Uuid, restart_of: Option<(i64, i64)>) -> NewRows {
         let (build_number, restart_counter) = match restart_of {
             Some((number, counter)) => (number, counter + 1),
@@ -177,21 +216,7 @@ impl Model {
         let jobs: Vec<Uuid> = (0..2).map(|_| Uuid::new_v4()).collect();
         for (i, job) in jobs.iter().enumerate() {
             let name = if i == 0 { "Create Jobs".to_string() } else { "build".to_string() };
-            self.jobs.insert(
-                *job,
-                JobRecord {
-                    project,
-                    name,
-                    state: "finished".into(),
-                    console: None,
-                    live_console: None,
-                    archive: vec![(
-                        "report.xml".to_string(),
-                        Bytes::from(format!("<testsuite name=\"{job}\" tests=\"1\"/>\n")),
-                    )],
-                    output: None,
-                },
-            );
+            self.jobs.insert(*job, JobRecord::finished(*job, project, name));
         }
         self.builds.insert(build, BuildRecord { project, build_number, restart_counter, jobs: jobs.clone() });
         let names = jobs.iter().map(|j| (*j, self.jobs.get(j).map(|r| r.name.clone()).unwrap_or_default())).collect();
@@ -270,7 +295,11 @@ impl FakeInfraBox {
     pub async fn start_with_private_key(config: FakeInfraBoxConfig, private_key_pem: Option<String>) -> Result<Self> {
         let pool = PgPoolOptions::new()
             .max_connections(8)
-            .acquire_timeout(Duration::from_secs(10))
+            // InfraBox itself fails at once when its database refuses
+            // connections (psycopg2); the drills set a short wait to match.
+            .acquire_timeout(Duration::from_millis(
+                std::env::var("FAKE_INFRABOX_DB_ACQUIRE_MS").ok().and_then(|v| v.parse().ok()).unwrap_or(10_000),
+            ))
             .connect(&config.database_url)
             .await
             .context("fake InfraBox: connecting to the database")?;
@@ -283,13 +312,14 @@ impl FakeInfraBox {
             .await
             .with_context(|| format!("fake InfraBox: binding {}", config.bind))?;
         let addr = listener.local_addr()?;
+        let model = Model::load(&pool).await;
         let shared = Arc::new(Shared {
             config,
             pool,
             decoding,
             encoding,
             records: Mutex::new(Vec::new()),
-            model: Mutex::new(Model::default()),
+            model: Mutex::new(model),
         });
         let state = shared.clone();
         let app = axum::Router::new().fallback(move |req: Request<Body>| {

@@ -4,6 +4,7 @@
 //! fake InfraBox upstream and a raw HTTP/1.1 client for attack tests.
 
 pub mod bench;
+pub mod drills;
 pub mod fake_infrabox;
 pub mod http;
 pub mod infrabox_db;

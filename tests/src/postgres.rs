@@ -21,7 +21,11 @@ use crate::process::{spawn_on_owner_thread, ManagedProcess};
 pub struct PostgresServer {
     port: u16,
     data_dir: PathBuf,
-    process: Mutex<ManagedProcess>,
+    base_dir: PathBuf,
+    /// The unprivileged user it runs as, when the tests run as root.
+    owner: Option<(u32, u32)>,
+    crash_safe_commits: bool,
+    process: Mutex<Option<ManagedProcess>>,
 }
 
 /// The `bin` directory of the newest `/usr/lib/postgresql/<version>`.
@@ -72,6 +76,15 @@ impl PostgresServer {
     /// spawned from the process-owner thread, so it lives until dropped or
     /// until the test process exits.
     pub fn start(base_dir: &Path) -> Result<Self> {
+        Self::start_with(base_dir, false)
+    }
+
+    /// [`start`](Self::start), with `synchronous_commit` on when
+    /// `crash_safe_commits`: a commit then survives a SIGKILL of the server
+    /// (fsync stays off: the machine does not crash, only the process).
+    /// For fault drills, where a commit lost to the harness's own speed-up
+    /// would look like the gateway's loss.
+    pub fn start_with(base_dir: &Path, crash_safe_commits: bool) -> Result<Self> {
         let bin = postgres_bin_dir()?;
         let owner = unprivileged_owner()?;
         std::fs::create_dir_all(base_dir)?;
@@ -103,28 +116,82 @@ impl PostgresServer {
         }
 
         let port = free_port();
+        let server = Self { port, data_dir, base_dir: base_dir.to_path_buf(), owner, crash_safe_commits, process: Mutex::new(None) };
+        let mut process = server.spawn()?;
+        process.wait_for_log("database system is ready to accept connections", Duration::from_secs(60))?;
+        *server.process.lock().map_err(|_| anyhow::anyhow!("lock poisoned"))? = Some(process);
+        Ok(server)
+    }
+
+    fn spawn(&self) -> Result<ManagedProcess> {
+        let bin = postgres_bin_dir()?;
         let mut postgres = Command::new(bin.join("postgres"));
         postgres
             .arg("-D")
-            .arg(&data_dir)
+            .arg(&self.data_dir)
             .arg("-p")
-            .arg(port.to_string())
+            .arg(self.port.to_string())
             .arg("-k")
-            .arg(&data_dir)
+            .arg(&self.data_dir)
             .args([
                 "-c", "listen_addresses=127.0.0.1",
                 "-c", "fsync=off",
-                "-c", "synchronous_commit=off",
+                "-c", if self.crash_safe_commits { "synchronous_commit=on" } else { "synchronous_commit=off" },
                 "-c", "full_page_writes=off",
                 "-c", "max_connections=300",
             ])
-            .current_dir(base_dir)
+            .current_dir(&self.base_dir)
             .env("LC_ALL", "C");
-        as_owner(&mut postgres, owner);
-        let log = base_dir.join("postgres.log");
-        let mut process = spawn_on_owner_thread(move || ManagedProcess::spawn("postgres", postgres, &log))?;
-        process.wait_for_log("database system is ready to accept connections", Duration::from_secs(60))?;
-        Ok(Self { port, data_dir, process: Mutex::new(process) })
+        as_owner(&mut postgres, self.owner);
+        let log = self.base_dir.join("postgres.log");
+        spawn_on_owner_thread(move || ManagedProcess::spawn("postgres", postgres, &log))
+    }
+
+    /// SIGKILL to the postmaster (a crash, for fault drills: the next start
+    /// runs crash recovery). Its backends exit once they notice it is gone.
+    pub fn kill(&self) -> Result<()> {
+        let process = self.process.lock().map_err(|_| anyhow::anyhow!("lock poisoned"))?.take();
+        if let Some(mut p) = process {
+            p.kill()?;
+        }
+        // Orphaned backends still hold the shared memory and the port for a
+        // moment; the postmaster's pid file goes when they are gone.
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok() && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(())
+    }
+
+    /// Starts the server again (after [`kill`](Self::kill) or [`stop`](Self::stop))
+    /// on the same port and data; waits until it accepts queries.
+    pub async fn restart(&self) -> Result<()> {
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        let mut process = loop {
+            let mut p = self.spawn()?;
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            if p.is_running() {
+                break p;
+            }
+            // A backend of the killed server may still hold the lock file.
+            if std::time::Instant::now() > deadline {
+                bail!("postgres did not start again:\n{}", p.log_contents());
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        };
+        loop {
+            if let Ok(mut c) = sqlx::PgConnection::connect(&self.admin_url()).await {
+                if sqlx::query("SELECT 1").execute(&mut c).await.is_ok() {
+                    break;
+                }
+            }
+            if !process.is_running() || std::time::Instant::now() > deadline {
+                bail!("postgres did not accept queries again:\n{}", process.log_contents());
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        *self.process.lock().map_err(|_| anyhow::anyhow!("lock poisoned"))? = Some(process);
+        Ok(())
     }
 
     /// The process-wide server under `target/e2e/<pid>/postgres`, started on
@@ -196,11 +263,14 @@ impl PostgresServer {
 
     /// The server's log so far.
     pub fn log_contents(&self) -> String {
-        self.process.lock().map(|p| p.log_contents()).unwrap_or_default()
+        std::fs::read_to_string(self.base_dir.join("postgres.log")).unwrap_or_default()
     }
 
     /// Stops the server (SIGTERM = smart shutdown, then SIGKILL).
     pub fn stop(&self) -> Result<()> {
-        self.process.lock().map_err(|_| anyhow::anyhow!("lock poisoned"))?.stop_with_grace(Duration::from_secs(5))
+        match self.process.lock().map_err(|_| anyhow::anyhow!("lock poisoned"))?.as_mut() {
+            Some(p) => p.stop_with_grace(Duration::from_secs(5)),
+            None => Ok(()),
+        }
     }
 }

@@ -174,6 +174,14 @@ impl ManagedProcess {
         Ok(())
     }
 
+    /// SIGKILL, no grace (a crash, for fault drills); reaps the child.
+    pub fn kill(&mut self) -> Result<()> {
+        let Some(mut child) = self.child.take() else { return Ok(()) };
+        let _ = child.kill();
+        child.wait().with_context(|| format!("waiting for {}", self.name))?;
+        Ok(())
+    }
+
     /// Stops the child (SIGTERM, 3 s grace, SIGKILL) and reaps it.
     pub fn stop(&mut self) -> Result<()> {
         self.stop_with_grace(Duration::from_secs(3))

@@ -83,6 +83,15 @@ impl RedisServer {
         Ok(())
     }
 
+    /// SIGKILL (a crash); the port stays reserved for [`restart`](Self::restart).
+    pub fn kill(&self) -> Result<()> {
+        let process = self.process.lock().map_err(|_| anyhow!("lock poisoned"))?.take();
+        if let Some(mut p) = process {
+            p.kill()?;
+        }
+        Ok(())
+    }
+
     /// Whether a server process is currently running.
     pub fn is_running(&self) -> bool {
         self.process.lock().ok().and_then(|mut p| p.as_mut().map(|p| p.is_running())).unwrap_or(false)

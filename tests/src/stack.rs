@@ -142,6 +142,7 @@ impl Stack {
             xff_trusted_hops: opts.xff_trusted_hops,
             listen_port: None,
             concurrency: opts.envoy_concurrency,
+            hot_restart: false,
         };
         let envoy = Envoy::start_in(&envoy_options, opts.envoy_runtime.unwrap_or_else(Runtime::selected))?;
         if opts.control_plane {

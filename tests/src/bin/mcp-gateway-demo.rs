@@ -135,6 +135,7 @@ async fn main() -> Result<()> {
         xff_trusted_hops: 0,
         listen_port: Some(port),
         concurrency: 2,
+        hot_restart: false,
     })?;
     envoy.wait_stat("wasmcustom.mcp_snapshot_updates", 1, Duration::from_secs(20))?;
 
