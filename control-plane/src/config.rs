@@ -18,7 +18,10 @@ pub struct Config {
     /// gRPC listener: the rate-limit service (and other Envoy services).
     pub grpc_addr: SocketAddr,
     /// Redis of the rate-limit windows. Never logged (may hold a password).
+    /// `REDIS_URL`: one URL, or the comma-separated seed nodes of a cluster.
     pub redis_url: String,
+    /// Whether `redis_url` names a Redis Cluster.
+    pub redis_cluster: bool,
     /// Longest one rate-limit decision may wait for Redis.
     pub redis_timeout: Duration,
     pub snapshot_secret: String,
@@ -84,8 +87,17 @@ impl Config {
         let internal_addr = addr(get("MCP_INTERNAL_ADDR"), "MCP_INTERNAL_ADDR", "127.0.0.1:9001")?;
         let grpc_addr = addr(get("MCP_GRPC_ADDR"), "MCP_GRPC_ADDR", "127.0.0.1:9002")?;
         let redis_url = get("REDIS_URL").unwrap_or_else(|| "redis://127.0.0.1:6379/".into()).trim().to_string();
-        if !["redis://", "rediss://", "redis+unix://", "unix://"].iter().any(|s| redis_url.starts_with(s)) {
-            return Err(ConfigError("REDIS_URL must be a redis://, rediss:// or unix:// URL".into()));
+        // Several comma-separated URLs (or MCP_REDIS_CLUSTER=true) name the
+        // seed nodes of a Redis Cluster.
+        let seeds: Vec<&str> = redis_url.split(',').map(str::trim).collect();
+        let redis_cluster = seeds.len() > 1 || flag(get("MCP_REDIS_CLUSTER"), "MCP_REDIS_CLUSTER")?;
+        let schemes: &[&str] = if redis_cluster { &["redis://", "rediss://"] } else { &["redis://", "rediss://", "redis+unix://", "unix://"] };
+        if !seeds.iter().all(|u| schemes.iter().any(|s| u.starts_with(s))) {
+            return Err(ConfigError(if redis_cluster {
+                "REDIS_URL must list redis:// or rediss:// URLs of cluster nodes, separated by commas".into()
+            } else {
+                "REDIS_URL must be a redis://, rediss:// or unix:// URL".into()
+            }));
         }
         let redis_timeout = number(get("MCP_REDIS_TIMEOUT_MS"), "MCP_REDIS_TIMEOUT_MS", 250, 1, 60_000)?;
         let snapshot_secret = get("MCP_SNAPSHOT_SECRET").ok_or_else(|| missing("MCP_SNAPSHOT_SECRET"))?;
@@ -133,6 +145,7 @@ impl Config {
             internal_addr,
             grpc_addr,
             redis_url,
+            redis_cluster,
             redis_timeout: Duration::from_millis(redis_timeout),
             snapshot_secret,
             grpc_secret,
@@ -160,6 +173,15 @@ fn key(inline: Option<String>, path: Option<String>, var: &str) -> Result<Option
     crate::credential::cipher::parse_key(&text)
         .map(Some)
         .ok_or_else(|| ConfigError(format!("{var} must be 64 hex characters (32 bytes)")))
+}
+
+fn flag(value: Option<String>, var: &str) -> Result<bool, ConfigError> {
+    match value.as_deref().map(str::trim) {
+        None => Ok(false),
+        Some("1" | "true" | "yes") => Ok(true),
+        Some("0" | "false" | "no") => Ok(false),
+        Some(_) => Err(ConfigError(format!("{var} must be true or false"))),
+    }
 }
 
 fn missing(var: &str) -> ConfigError {
@@ -230,6 +252,24 @@ mod tests {
         assert_eq!(c.infrabox_url, "http://infrabox-api:8080");
         assert_eq!(c.credential_key, [0x0f; 32]);
         assert_eq!(c.credential_key_previous, None);
+    }
+
+    #[test]
+    fn several_redis_urls_name_a_cluster() {
+        let mut m = base();
+        m.insert("REDIS_URL", "redis://10.0.0.1:7000, redis://10.0.0.2:7000".into());
+        let c = load(&m).unwrap();
+        assert!(c.redis_cluster);
+        m.insert("REDIS_URL", "redis://10.0.0.1:7000".into());
+        assert!(!load(&m).unwrap().redis_cluster);
+        m.insert("MCP_REDIS_CLUSTER", "true".into());
+        assert!(load(&m).unwrap().redis_cluster);
+        m.insert("MCP_REDIS_CLUSTER", "maybe".into());
+        assert!(load(&m).unwrap_err().0.contains("MCP_REDIS_CLUSTER"));
+        m.remove("MCP_REDIS_CLUSTER");
+        m.insert("REDIS_URL", "redis://:pw-secret@a:7000,unix:///tmp/r.sock".into());
+        let e = load(&m).unwrap_err().0;
+        assert!(e.contains("cluster nodes") && !e.contains("pw-secret"), "{e}");
     }
 
     #[test]

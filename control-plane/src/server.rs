@@ -91,8 +91,13 @@ pub async fn run(config: Config, shutdown: watch::Receiver<bool>) -> Result<(), 
         .merge(metrics_router(metrics.clone())),
     );
     // Lazy: Redis may be down now; decisions answer UNAVAILABLE until it is back.
-    let windows = RedisWindows::new(&config.redis_url, config.redis_timeout, metrics.ratelimit.clone())
-        .map_err(|e| StartupError(format!("REDIS_URL: {e}")))?;
+    let windows = if config.redis_cluster {
+        let seeds: Vec<&str> = config.redis_url.split(',').map(str::trim).collect();
+        RedisWindows::new_cluster(&seeds, config.redis_timeout, metrics.ratelimit.clone())
+    } else {
+        RedisWindows::new(&config.redis_url, config.redis_timeout, metrics.ratelimit.clone())
+    }
+    .map_err(|e| StartupError(format!("REDIS_URL: {e}")))?;
     let ownership = PgOwnership::new(pool.clone(), OWNERSHIP_CACHE_ROWS, metrics.ownership.clone());
     let grpc = grpc_router(
         RateLimitGrpc::new(windows, ownership, metrics.ratelimit.clone()),

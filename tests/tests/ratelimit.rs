@@ -20,6 +20,7 @@ use mcp_control_plane::ratelimit::store::{Limit, WindowKey, WindowStore};
 use mcp_gateway_tests::envoy::{Envoy, RlsTarget};
 use mcp_gateway_tests::http::{RawRequest, RawResponse};
 use mcp_gateway_tests::ports::free_port;
+use mcp_gateway_tests::ratelimit_model::SlidingLog;
 use mcp_gateway_tests::redis::RedisServer;
 use mcp_gateway_tests::scratch::fresh_dir;
 use mcp_gateway_tests::stack::{Stack, StackOptions};
@@ -29,27 +30,6 @@ use uuid::Uuid;
 
 // ---------------------------------------------------------------------------
 // The limiter against real Redis
-
-/// The reference: every admission time, scanned in full (µs).
-#[derive(Default)]
-struct SlidingLog {
-    admitted: Vec<u64>,
-}
-
-impl SlidingLog {
-    /// (allowed, remaining, µs until the oldest counted request leaves).
-    fn decide(&mut self, now: u64, limit: u32, window: u64) -> (bool, u32, u64) {
-        let live: Vec<u64> = self.admitted.iter().copied().filter(|t| now - window < *t).collect();
-        let allowed = live.len() < limit as usize;
-        let mut counted = live.clone();
-        if allowed {
-            self.admitted.push(now);
-            counted.push(now);
-        }
-        let reset = counted.iter().min().map(|oldest| oldest + window - now).unwrap_or(window);
-        (allowed, if allowed { limit - live.len() as u32 - 1 } else { 0 }, reset)
-    }
-}
 
 fn private_redis(name: &str) -> RedisServer {
     RedisServer::start(&fresh_dir(name)).expect("redis-server")

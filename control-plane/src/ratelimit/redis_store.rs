@@ -6,6 +6,11 @@
 //! plane starts while Redis is down and reconnects by itself; every call is
 //! bounded by a timeout, and any failure is a [`StoreError`], never a guess.
 //!
+//! A Redis Cluster works the same way ([`RedisWindows::new_cluster`]): the
+//! keys are hash-tagged by user, so one decision touches one slot; the
+//! cluster client follows `MOVED`/`ASK` and slot changes after a failover,
+//! and a `NOSCRIPT` from any node loads the script on every primary.
+//!
 //! One multiplexed connection, not a pool: it pipelines, so Redis reads a
 //! dozen queued `EVALSHA`s per `read` under load. A pool of 4 (8) cut that
 //! to about 4 (3), raising system calls per decision on both sides, and on a
@@ -15,7 +20,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
+use redis::cluster::ClusterClient;
+use redis::cluster_async::ClusterConnection;
 use redis::{ErrorKind, RedisError, ServerErrorKind};
 
 use super::metrics::RateLimitMetrics;
@@ -30,13 +37,21 @@ pub const DEFAULT_TIMEOUT: Duration = Duration::from_millis(250);
 /// Sliding windows in one Redis (or one Redis Cluster slot per user).
 #[derive(Clone)]
 pub struct RedisWindows {
-    conn: ConnectionManager,
+    conn: Backend,
     sha: String,
     /// Random per process: members stay unique across control-plane replicas.
     nonce_prefix: String,
     counter: Arc<AtomicU64>,
     timeout: Duration,
     metrics: Arc<RateLimitMetrics>,
+}
+
+/// One Redis, or a cluster (its connection made on first use and again
+/// after it failed to be made, so the control plane starts without it).
+#[derive(Clone)]
+enum Backend {
+    Single(ConnectionManager),
+    Cluster { client: ClusterClient, conn: Arc<tokio::sync::Mutex<Option<ClusterConnection>>> },
 }
 
 impl std::fmt::Debug for RedisWindows {
@@ -50,6 +65,10 @@ impl RedisWindows {
     /// down at startup). Fails only on a malformed URL; the error never
     /// repeats the URL (it may hold a password).
     pub fn new(url: &str, timeout: Duration, metrics: Arc<RateLimitMetrics>) -> Result<Self, StoreError> {
+        if url.contains(',') {
+            let seeds: Vec<&str> = url.split(',').map(str::trim).collect();
+            return Self::new_cluster(&seeds, timeout, metrics);
+        }
         let client = redis::Client::open(url).map_err(|_| StoreError("not a valid redis:// URL".into()))?;
         // No response timeout here: `admit` bounds the whole call, waiting
         // for a connection included, with one timer rather than two.
@@ -61,6 +80,26 @@ impl RedisWindows {
             .set_max_delay(Duration::from_millis(100));
         let conn = ConnectionManager::new_lazy_with_config(client, config)
             .map_err(|e| StoreError(format!("cannot prepare the Redis connection: {}", describe(&e))))?;
+        Self::with(Backend::Single(conn), timeout, metrics)
+    }
+
+    /// Sliding windows in a Redis Cluster reached through `seeds` (any of its
+    /// nodes; the client learns the rest). Connects on first use.
+    pub fn new_cluster(seeds: &[&str], timeout: Duration, metrics: Arc<RateLimitMetrics>) -> Result<Self, StoreError> {
+        let client = ClusterClient::builder(seeds.iter().map(|s| s.to_string()))
+            .connection_timeout(timeout)
+            .response_timeout(timeout)
+            // Follow MOVED/ASK and a failover's slot changes a few times
+            // within the call's own timeout.
+            .retries(3)
+            .min_retry_wait(10)
+            .max_retry_wait(100)
+            .build()
+            .map_err(|_| StoreError("not a valid list of redis:// cluster node URLs".into()))?;
+        Self::with(Backend::Cluster { client, conn: Arc::default() }, timeout, metrics)
+    }
+
+    fn with(conn: Backend, timeout: Duration, metrics: Arc<RateLimitMetrics>) -> Result<Self, StoreError> {
         let mut seed = [0u8; 8];
         getrandom::fill(&mut seed).map_err(|_| StoreError("no OS randomness".into()))?;
         Ok(Self {
@@ -79,17 +118,38 @@ impl RedisWindows {
     }
 
     async fn evalsha(&self, key: &str, limit: u32, window_ms: u64, nonce: &str) -> Result<[i64; 4], RedisError> {
-        let mut conn = self.conn.clone();
+        match &self.conn {
+            Backend::Single(conn) => self.evalsha_on(&mut conn.clone(), key, limit, window_ms, nonce).await,
+            Backend::Cluster { client, conn } => {
+                let mut c = {
+                    let mut slot = conn.lock().await;
+                    match slot.as_ref() {
+                        Some(c) => c.clone(),
+                        None => {
+                            let c = client.get_async_connection().await?;
+                            *slot = Some(c.clone());
+                            c
+                        }
+                    }
+                };
+                self.evalsha_on(&mut c, key, limit, window_ms, nonce).await
+            }
+        }
+    }
+
+    /// One decision on `conn`; on `NOSCRIPT` the script is loaded (on every
+    /// primary of a cluster) and the call made again.
+    async fn evalsha_on<C: ConnectionLike + Send>(&self, conn: &mut C, key: &str, limit: u32, window_ms: u64, nonce: &str) -> Result<[i64; 4], RedisError> {
         let mut cmd = redis::cmd("EVALSHA");
         cmd.arg(&self.sha).arg(1).arg(key).arg(limit).arg(window_ms).arg(nonce);
-        match cmd.query_async::<Vec<i64>>(&mut conn).await {
+        match cmd.query_async::<Vec<i64>>(conn).await {
             Err(e) if e.kind() == ErrorKind::Server(ServerErrorKind::NoScript) => {
                 self.metrics.script_reloaded();
-                let loaded: String = redis::cmd("SCRIPT").arg("LOAD").arg(SCRIPT).query_async(&mut conn).await?;
+                let loaded: String = redis::cmd("SCRIPT").arg("LOAD").arg(SCRIPT).query_async(conn).await?;
                 if loaded != self.sha {
                     return Err(RedisError::from((ErrorKind::Client, "SCRIPT LOAD returned an unexpected SHA")));
                 }
-                cmd.query_async::<Vec<i64>>(&mut conn).await.and_then(reply)
+                cmd.query_async::<Vec<i64>>(conn).await.and_then(reply)
             }
             other => other.and_then(reply),
         }
