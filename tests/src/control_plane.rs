@@ -103,6 +103,12 @@ impl ControlPlane {
         bail!("control plane did not become healthy; log:\n{}", self.log_contents())
     }
 
+    /// Another control plane with the same configuration (database,
+    /// secrets, keys, Redis) on ports of its own: a replica.
+    pub fn replica(&self) -> Result<Self> {
+        Self::start(self.opts.clone())
+    }
+
     /// SIGKILL (a crash); ports stay reserved for [`restart`](Self::restart).
     pub fn kill(&mut self) -> Result<()> {
         if let Some(mut p) = self.process.take() {

@@ -354,6 +354,7 @@ impl World {
                 listen_port: None,
                 concurrency: 1,
                 hot_restart: true,
+                replicas: Vec::new(),
             },
             crate::container::Runtime::Process,
         )?;

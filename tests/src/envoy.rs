@@ -92,6 +92,9 @@ pub struct EnvoyOptions {
     /// [`Envoy::hot_restart`] can hand the listeners to a new process.
     /// Processes only.
     pub hot_restart: bool,
+    /// More control-plane replicas behind the same clusters: (http,
+    /// internal, grpc) ports, each an endpoint next to the first one.
+    pub replicas: Vec<(u16, u16, u16)>,
 }
 
 /// Where the config and the module are inside an Envoy container.
@@ -179,7 +182,7 @@ impl Envoy {
             ),
         ]);
         let config_path = dir.join("envoy.yaml");
-        let config = render(&template, &vars)?;
+        let config = with_replicas(&render(&template, &vars)?, opts);
         std::fs::write(&config_path, &config)?;
         let mut args = vec![
             "--concurrency".to_string(),
@@ -382,6 +385,45 @@ impl Envoy {
             Runner::Container(c) => c.stop(Duration::from_secs(3)),
         }
     }
+}
+
+/// Adds an endpoint per control-plane replica after each control-plane
+/// endpoint of the rendered configuration (the health status of the
+/// rate-limit endpoint included).
+fn with_replicas(config: &str, opts: &EnvoyOptions) -> String {
+    if opts.replicas.is_empty() {
+        return config.to_string();
+    }
+    let rls_port = match opts.rls_target {
+        RlsTarget::Port(p) => p,
+        RlsTarget::ControlPlane | RlsTarget::Unhealthy => opts.cp_grpc_port,
+    };
+    // The audit stream goes to the gRPC port whatever the RLS target.
+    let ports: [(u16, fn(&(u16, u16, u16)) -> u16); 4] =
+        [(opts.cp_http_port, |r| r.0), (opts.cp_internal_port, |r| r.1), (rls_port, |r| r.2), (opts.cp_grpc_port, |r| r.2)];
+    let mut out = String::new();
+    let mut lines = config.lines().peekable();
+    while let Some(line) = lines.next() {
+        out.push_str(line);
+        out.push('\n');
+        let Some(pick) = ports.iter().find(|(p, _)| line.contains("- endpoint:") && line.contains(&format!("port_value: {p} "))).map(|(p, f)| (*p, *f)) else {
+            continue;
+        };
+        let health = lines.next_if(|l| l.trim_start().starts_with("health_status:")).map(str::to_string);
+        if let Some(h) = &health {
+            out.push_str(h);
+            out.push('\n');
+        }
+        for r in &opts.replicas {
+            out.push_str(&line.replace(&format!("port_value: {} ", pick.0), &format!("port_value: {} ", (pick.1)(r))));
+            out.push('\n');
+            if let Some(h) = &health {
+                out.push_str(h);
+                out.push('\n');
+            }
+        }
+    }
+    out
 }
 
 /// GET on an Envoy admin listener: (status, body), de-chunked.

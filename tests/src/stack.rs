@@ -143,6 +143,7 @@ impl Stack {
             listen_port: None,
             concurrency: opts.envoy_concurrency,
             hot_restart: false,
+            replicas: Vec::new(),
         };
         let envoy = Envoy::start_in(&envoy_options, opts.envoy_runtime.unwrap_or_else(Runtime::selected))?;
         if opts.control_plane {

@@ -136,6 +136,7 @@ async fn main() -> Result<()> {
         listen_port: Some(port),
         concurrency: 2,
         hot_restart: false,
+            replicas: Vec::new(),
     })?;
     envoy.wait_stat("wasmcustom.mcp_snapshot_updates", 1, Duration::from_secs(20))?;
 
