@@ -58,7 +58,7 @@ pub async fn run(config: Config, shutdown: watch::Receiver<bool>) -> Result<(), 
     let infrabox = InfraBoxClient::new(&config.infrabox_url, Duration::from_secs(10))
         .map_err(|e| StartupError(format!("INFRABOX_URL: {e}")))?;
     let credentials = UpstreamCredentials::new(pool.clone(), cipher.clone(), infrabox);
-    let (publisher, current) = SnapshotPublisher::new(pool.clone(), config.limits.clone(), cipher);
+    let (publisher, current) = SnapshotPublisher::new(pool.clone(), config.limits.clone(), cipher, &config.snapshot_secret);
     if let Err(e) = publisher.rebuild().await {
         tracing::warn!(error = %e, "first snapshot build failed; retrying in the background");
     }

@@ -6,6 +6,7 @@
 use std::time::{Duration, Instant};
 
 use base64::Engine;
+use mcp_gateway_tests::envoy::Envoy;
 use mcp_gateway_tests::http::{RawRequest, RawResponse};
 use mcp_gateway_tests::scratch::fresh_dir;
 use mcp_gateway_tests::session::SigningKey;
@@ -524,4 +525,119 @@ async fn token_secrets_never_reach_logs_or_the_database() {
     }
     let hash: (String,) = sqlx::query_as("SELECT token_hash FROM mcp_token WHERE token_id = $1").bind(&id).fetch_one(&s.db).await.unwrap();
     assert_eq!(hash.0, mcp_filter_core::token::hash_hex(&token));
+}
+
+/// What the snapshot stand-in serves (the control plane's real snapshot,
+/// passed on or spoiled).
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Serve {
+    Genuine,
+    Unsigned,
+    /// One byte of the body changed, the genuine signature kept.
+    Altered,
+    /// Signed with a key derived from another secret.
+    OtherKey,
+    /// Another snapshot's signature.
+    Replayed,
+}
+
+/// A stand-in for the control plane's internal listener between Envoy and
+/// the real one: it fetches the real snapshot and serves it as `mode` says
+/// (`304` after a second when the VM already has that version).
+async fn snapshot_stand_in(s: &Stack, mode: std::sync::Arc<std::sync::Mutex<Serve>>) -> u16 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let (real, secret) = (s.control_plane.internal_addr(), s.snapshot_secret.clone());
+    tokio::spawn(async move {
+        let mut first_signature: Option<String> = None;
+        while let Ok((mut conn, _)) = listener.accept().await {
+            let mut head = Vec::new();
+            let mut buf = [0u8; 4096];
+            while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                match conn.read(&mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => head.extend_from_slice(&buf[..n]),
+                }
+            }
+            let head = String::from_utf8_lossy(&head).to_lowercase();
+            let known = head.lines().find_map(|l| l.strip_prefix("if-none-match:")).map(|v| v.trim().trim_matches('"').to_string());
+            let r = RawRequest::get("/v1/snapshot").header("Authorization", &format!("Bearer {secret}")).send(real, Duration::from_secs(5)).await.unwrap();
+            let version = r.header("etag").unwrap_or_default().trim_matches('"').to_string();
+            let signature = r.header(mcp_filter_core::signature::HEADER).unwrap_or_default().to_string();
+            first_signature.get_or_insert(signature.clone());
+            let m = *mode.lock().unwrap();
+            let reply = if known.as_deref() == Some(version.as_str()) && m == Serve::Genuine {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                format!("HTTP/1.1 304 Not Modified\r\netag: \"{version}\"\r\ncontent-length: 0\r\n\r\n").into_bytes()
+            } else {
+                let mut body = r.body.clone();
+                let signature = match m {
+                    Serve::Genuine => Some(signature),
+                    Serve::Unsigned => None,
+                    Serve::Altered => {
+                        // A digit of generated_at: still a valid snapshot.
+                        let at = String::from_utf8_lossy(&body).find("\"generated_at\":").unwrap() + 16;
+                        body[at] = if body[at] == b'1' { b'2' } else { b'1' };
+                        Some(signature)
+                    }
+                    Serve::OtherKey => Some(mcp_filter_core::signature::sign(&mcp_filter_core::signature::signing_key("some-other-secret-0123"), &body)),
+                    Serve::Replayed => first_signature.clone(),
+                };
+                let mut out = format!("HTTP/1.1 200 OK\r\ncontent-type: application/json\r\netag: \"{version}\"\r\ncontent-length: {}\r\n", body.len());
+                if let Some(sig) = signature {
+                    out.push_str(&format!("{}: {sig}\r\n", mcp_filter_core::signature::HEADER));
+                }
+                out.push_str("\r\n");
+                let mut out = out.into_bytes();
+                out.extend_from_slice(&body);
+                out
+            };
+            let _ = conn.write_all(&reply).await;
+            let _ = conn.shutdown().await;
+        }
+    });
+    port
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vm_refuses_a_snapshot_it_cannot_verify_and_keeps_the_last_good_one() {
+    // Probing with tokens the VM must not know: no failed-authentication
+    // budget in the way (tests/attacks.rs tests that budget).
+    let s = Stack::start(StackOptions { plugin: json!({"auth_failure_limit": 1_000_000}), ..StackOptions::default() }).await.unwrap();
+    let (user, projects) = s.user_with_projects("signed", 1).await.unwrap();
+    let path = format!("/api/v1/mcp/projects/{}", projects[0]);
+    let (_, first) = s.create_token(user, json!({}), 30).await.unwrap();
+    s.wait_until_status(&first, &path, 200).await;
+    let mode = std::sync::Arc::new(std::sync::Mutex::new(Serve::Genuine));
+    let mut opts = s.envoy_options.clone();
+    opts.cp_internal_port = snapshot_stand_in(&s, mode.clone()).await;
+    opts.node_id = format!("{}-stand-in", opts.node_id);
+    let envoy = Envoy::start(&opts).unwrap();
+    envoy.wait_stat("wasmcustom.mcp_snapshot_updates", 1, Duration::from_secs(20)).unwrap();
+    let status = |token: String| {
+        let addr = envoy.addr();
+        let path = path.clone();
+        async move { RawRequest::get(&path).header("Authorization", &format!("Bearer {token}")).send(addr, Duration::from_secs(5)).await.unwrap().status }
+    };
+    assert_eq!(status(first.clone()).await, 200, "the genuine, signed snapshot was applied");
+    for spoiled in [Serve::Unsigned, Serve::Altered, Serve::OtherKey, Serve::Replayed] {
+        // A change on the control plane, served spoiled: refused, counted,
+        // and the VM keeps what it had (the new token is unknown there).
+        let (_, newer) = s.create_token(user, json!({}), 30).await.unwrap();
+        s.wait_until_status(&newer, &path, 200).await;
+        *mode.lock().unwrap() = spoiled;
+        let rejected = envoy.stat("wasmcustom.mcp_snapshot_rejected").unwrap_or(0);
+        envoy.wait_stat("wasmcustom.mcp_snapshot_rejected", rejected + 2, Duration::from_secs(10)).unwrap();
+        assert_eq!(status(newer.clone()).await, 401, "{spoiled:?}: the VM must not take that snapshot");
+        assert_eq!(status(first.clone()).await, 200, "{spoiled:?}: the last good snapshot stays in force");
+        // Genuine again: taken at once.
+        *mode.lock().unwrap() = Serve::Genuine;
+        let start = Instant::now();
+        while status(newer.clone()).await != 200 {
+            assert!(start.elapsed() < Duration::from_secs(5), "{spoiled:?}: the genuine snapshot was not taken again");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    assert!(envoy.log_contents().contains("rejected snapshot"), "the refusal is logged");
 }

@@ -53,6 +53,8 @@ pub struct Published {
     pub without_credential: usize,
     /// `serde_json` of the [`mcp_filter_core::snapshot::Snapshot`].
     pub body: Bytes,
+    /// HMAC-SHA256 of `body` ([`mcp_filter_core::signature`]), hex.
+    pub signature: String,
 }
 
 /// The current snapshot; `None` until the first build succeeds.
@@ -64,15 +66,18 @@ pub struct SnapshotPublisher {
     limits: Limits,
     cipher: Arc<CredentialCipher>,
     tx: watch::Sender<Option<Arc<Published>>>,
+    /// Signs every body (derived from the snapshot secret VMs share).
+    signing_key: [u8; 32],
     /// The content last built (what patches apply to); `None` before the
     /// first full build.
     model: Mutex<Option<build::Model>>,
 }
 
 impl SnapshotPublisher {
-    pub fn new(pool: PgPool, limits: Limits, cipher: Arc<CredentialCipher>) -> (Self, Current) {
+    pub fn new(pool: PgPool, limits: Limits, cipher: Arc<CredentialCipher>, snapshot_secret: &str) -> (Self, Current) {
         let (tx, rx) = watch::channel(None);
-        (Self { pool, limits, cipher, tx, model: Mutex::new(None) }, rx)
+        let signing_key = mcp_filter_core::signature::signing_key(snapshot_secret);
+        (Self { pool, limits, cipher, tx, signing_key, model: Mutex::new(None) }, rx)
     }
 
     /// Rebuilds from the database; publishes if the version changed.
@@ -119,6 +124,7 @@ impl SnapshotPublisher {
             version,
             token_count: model.token_count(),
             without_credential: model.tokens_without_credential(),
+            signature: mcp_filter_core::signature::sign(&self.signing_key, &body),
             body: Bytes::from(body),
         };
         tracing::info!(

@@ -89,6 +89,10 @@ fn full(p: &Published) -> Response {
             (header::CONTENT_TYPE, HeaderValue::from_static("application/json")),
             (header::ETAG, etag(&p.version)),
             (header::CACHE_CONTROL, HeaderValue::from_static("no-store")),
+            (
+                header::HeaderName::from_static(mcp_filter_core::signature::HEADER),
+                HeaderValue::from_str(&p.signature).unwrap_or_else(|_| HeaderValue::from_static("")),
+            ),
         ],
         p.body.clone(),
     )

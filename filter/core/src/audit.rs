@@ -134,17 +134,9 @@ pub fn arguments_key(secret: &str) -> [u8; 32] {
 
 /// HMAC-SHA256 (RFC 2104) with a 32-byte key.
 pub fn hmac_sha256(key: &[u8; 32], message: &[u8]) -> [u8; 32] {
-    use sha2::{Digest, Sha256};
-    let mut ipad = [0x36u8; 64];
-    let mut opad = [0x5cu8; 64];
-    for (i, k) in key.iter().enumerate() {
-        if let (Some(a), Some(b)) = (ipad.get_mut(i), opad.get_mut(i)) {
-            *a ^= k;
-            *b ^= k;
-        }
-    }
-    let inner = Sha256::new().chain_update(ipad).chain_update(message).finalize();
-    Sha256::new().chain_update(opad).chain_update(inner).finalize().into()
+    let mut mac = crate::signature::Mac::new(key);
+    mac.update(message);
+    mac.finish()
 }
 
 /// The filter state the filter sets when a tool call's upstream answer

@@ -36,6 +36,7 @@ pub mod ownership;
 pub mod path;
 pub mod route;
 pub mod snapshot;
+pub mod signature;
 pub mod policy;
 pub mod token;
 pub mod denial;

@@ -19,6 +19,7 @@ use mcp_filter_core::coalesce::{Coalescer, Summary, SummaryBatch};
 use mcp_filter_core::config::PluginConfig;
 use mcp_filter_core::ownership::OwnershipCache;
 use mcp_filter_core::policy::Policy;
+use mcp_filter_core::signature;
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::ContextType;
@@ -246,8 +247,16 @@ impl Root {
         let metrics = self.shared.metrics();
         let started = host::now_unix_ms();
         // Read from the host a piece at a time while parsing: the VM holds
-        // the policy in force, the one being built and a 64 KiB window.
-        match Policy::from_reader(host::HttpCallBody::new(body_size)) {
+        // the policy in force, the one being built and a 64 KiB window. The
+        // body is authenticated as it is read, and the policy is taken only
+        // if the whole body verifies (DESIGN §7).
+        let Some(key) = self.shared.config().map(|c| signature::signing_key(&c.snapshot_secret)) else {
+            return self.failed();
+        };
+        let signed = host::http_call_response_header(signature::HEADER);
+        let mut body = signature::VerifyingReader::new(host::HttpCallBody::new(body_size), &key);
+        let parsed = Policy::from_reader(&mut body).and_then(|p| body.verify(signed.as_deref()).map(|()| p));
+        match parsed {
             Ok(policy) => {
                 let took = (host::now_unix_ms() - started).max(0);
                 log::info!("applied snapshot version={} tokens={} in {took} ms", policy.version, policy.token_count());
