@@ -210,6 +210,12 @@ impl PostgresServer {
         })
     }
 
+    /// The postmaster's process id, while it runs (its backends are its
+    /// children).
+    pub fn pid(&self) -> Option<u32> {
+        self.process.lock().ok().and_then(|p| p.as_ref().map(|p| p.pid()))
+    }
+
     /// The TCP port on 127.0.0.1.
     pub fn port(&self) -> u16 {
         self.port

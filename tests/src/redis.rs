@@ -64,6 +64,11 @@ impl RedisServer {
         Ok(())
     }
 
+    /// The server's process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.process.lock().ok().and_then(|p| p.as_ref().map(|p| p.pid()))
+    }
+
     /// The port on 127.0.0.1.
     pub fn port(&self) -> u16 {
         self.port

@@ -18,7 +18,13 @@ use crate::scratch::fresh_dir;
 pub struct BenchEnvoy {
     pub listen: SocketAddr,
     pub admin: SocketAddr,
-    _process: ManagedProcess,
+    process: ManagedProcess,
+}
+
+impl BenchEnvoy {
+    pub fn pid(&self) -> u32 {
+        self.process.pid()
+    }
 }
 
 /// Ports of the configuration the harness rendered.
@@ -86,7 +92,7 @@ impl BenchEnvoy {
         let e = Self {
             listen: SocketAddr::from(([127, 0, 0, 1], listen)),
             admin: SocketAddr::from(([127, 0, 0, 1], admin)),
-            _process: process,
+            process: process,
         };
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {

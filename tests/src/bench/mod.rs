@@ -9,7 +9,9 @@
 //! - [`envoy_pair`]: two Envoys from the project's own configuration, with
 //!   and without the filter, side by side.
 //! - [`report`]: the results table and JSON.
+//! - [`cpu`]: CPU time per request by process over a run.
 
+pub mod cpu;
 pub mod envoy_pair;
 pub mod load;
 pub mod report;

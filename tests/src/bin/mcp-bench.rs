@@ -121,6 +121,8 @@ async fn main() -> Result<()> {
     if allowed.1.non_2xx > 0 || allowed_latency.1.non_2xx > 0 {
         bail!("allowed MCP requests were refused ({} of {}): rate limit or policy interfered", allowed.1.non_2xx, allowed.1.requests);
     }
+    eprintln!("[bench] CPU per allowed request by process");
+    let cpu_by_process = cpu_by_process(&stack, &load, &baseline, &filter, &mcp_path, &bearer)?;
 
     eprintln!("[bench] the MCP endpoint: tools/call and tools/list against no-filter Envoy");
     let call_body = json!({"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {"name": "get_project", "arguments": {"project_id": project.to_string()}}}).to_string();
@@ -205,6 +207,7 @@ async fn main() -> Result<()> {
         "revocation": revocation,
         "revocation_at_scale": revocation_at_scale,
         "services": services,
+        "cpu_per_allowed_request_us": cpu_by_process,
         "wasm_bytes": wasm_bytes,
         "core_instructions_per_request": instructions,
         "degraded_window": degraded_window,
@@ -229,6 +232,40 @@ async fn main() -> Result<()> {
     println!("{}", markdown("InfraBox MCP gateway — benchmark results", &context, &rows));
     println!("bench: every case produced numbers ({} s)", started.elapsed().as_secs());
     Ok(())
+}
+
+/// CPU µs per allowed MCP request of every process on the path, over one
+/// run at 8 connections, and the same for the no-filter Envoy's run: where
+/// the allowed path's cost goes, so a change shows where it moved cost.
+fn cpu_by_process(stack: &Stack, load: &Load, baseline: &BenchEnvoy, filter: &BenchEnvoy, path: &str, bearer: &str) -> Result<Value> {
+    use mcp_gateway_tests::bench::cpu;
+    let me = std::process::id();
+    let with: cpu::Processes = vec![
+        ("Envoy (filter)".into(), filter.pid(), false),
+        ("control plane".into(), stack.control_plane.pid().context("control plane pid")?, false),
+        ("Redis".into(), mcp_gateway_tests::redis::RedisServer::shared().pid().context("redis pid")?, false),
+        ("Postgres (all backends)".into(), mcp_gateway_tests::postgres::PostgresServer::shared().pid().context("postgres pid")?, true),
+        ("upstream (the bench process)".into(), me, false),
+    ];
+    let without: cpu::Processes = vec![("Envoy (no filter)".into(), baseline.pid(), false), ("upstream (the bench process)".into(), me, false)];
+    let headers: &[(&str, &str)] = &[("authorization", bearer)];
+    let (f, filter_costs) = cpu::per_request(&with, || {
+        let r = load.run(filter.listen, path, headers)?;
+        Ok((r, r.requests))
+    })?;
+    let (b, baseline_costs) = cpu::per_request(&without, || {
+        let r = load.run(baseline.listen, path, headers)?;
+        Ok((r, r.requests))
+    })?;
+    let total = |c: &[(String, f64)]| c.iter().map(|(_, v)| v).sum::<f64>();
+    Ok(json!({
+        "filter": filter_costs.iter().map(|(k, v)| json!({"process": k, "us_per_request": v})).collect::<Vec<_>>(),
+        "baseline": baseline_costs.iter().map(|(k, v)| json!({"process": k, "us_per_request": v})).collect::<Vec<_>>(),
+        "filter_total_us": total(&filter_costs),
+        "baseline_total_us": total(&baseline_costs),
+        "filter_requests_per_second": f.requests_per_second,
+        "baseline_requests_per_second": b.requests_per_second,
+    }))
 }
 
 /// The first request to each of `n` new jobs (its ownership is looked up
@@ -810,6 +847,24 @@ fn table(r: &Value) -> Vec<Row> {
     rows.push(Row::new("rate-limit decisions/s (real Redis)", format!("{rls:.0}"), "≥ 20 000", Some(rls >= 20_000.0)));
     let audit = f(&sv["audit"]["rows_per_second"]);
     rows.push(Row::new("audit rows/s (real Postgres)", format!("{audit:.0}"), "≥ 20 000", Some(audit >= 20_000.0)));
+    let cpu = &r["cpu_per_allowed_request_us"];
+    let list = |side: &Value| {
+        side.as_array()
+            .map(|a| a.iter().map(|p| format!("{} {:.0}", p["process"].as_str().unwrap_or("?"), f(&p["us_per_request"]))).collect::<Vec<_>>().join(", "))
+            .unwrap_or_default()
+    };
+    rows.push(Row::new(
+        "allowed MCP request: CPU per request by process, µs (8 connections)",
+        format!("{:.0} in all: {}", f(&cpu["filter_total_us"]), list(&cpu["filter"])),
+        "",
+        None,
+    ));
+    rows.push(Row::new(
+        "the same request through Envoy without the filter: CPU µs",
+        format!("{:.0} in all: {}", f(&cpu["baseline_total_us"]), list(&cpu["baseline"])),
+        "",
+        None,
+    ));
     rows.push(Row::new("mcp_filter.wasm size", format!("{} bytes", r["wasm_bytes"]), "", None));
     if let Some(ins) = r["core_instructions_per_request"].as_object() {
         let text = ins.iter().map(|(k, v)| format!("{k} {v}")).collect::<Vec<_>>().join(", ");
