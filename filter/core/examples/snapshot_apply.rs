@@ -1,6 +1,8 @@
 //! Native timing of snapshot parsing at scale (a profiling aid; `make bench`
 //! measures the same inside Envoy):
 //! `cargo run --release -p mcp-filter-core --example snapshot_apply -- 100000`
+//! Also the lookup of a token by its hash (present and absent) at that size,
+//! and the cost of verifying the body's signature.
 
 use std::collections::BTreeMap;
 use std::time::Instant;
@@ -37,15 +39,37 @@ fn main() {
         let streamed = Policy::from_reader(&body[..]);
         let reader_ms = t.elapsed().as_secs_f64() * 1e3;
         match (whole, streamed) {
-            (Ok(a), Ok(b)) if a.token_count() == b.token_count() => println!(
-                "round {round}: {n} tokens, body {} bytes, from_json {slice_ms:.1} ms, from_reader {reader_ms:.1} ms, tables {} bytes",
-                body.len(),
-                a.heap_bytes()
-            ),
+            (Ok(a), Ok(b)) if a.token_count() == b.token_count() => {
+                println!(
+                    "round {round}: {n} tokens, body {} bytes, from_json {slice_ms:.1} ms, from_reader {reader_ms:.1} ms, tables {} bytes",
+                    body.len(),
+                    a.heap_bytes()
+                );
+                if round == 2 {
+                    lookups(&a, n);
+                    let key = mcp_filter_core::signature::signing_key("a-snapshot-secret-0123");
+                    let t = Instant::now();
+                    let sig = mcp_filter_core::signature::sign(&key, &body);
+                    println!("signature of the body: {:.1} ms ({sig:.8}…)", t.elapsed().as_secs_f64() * 1e3);
+                }
+            }
             (a, b) => {
                 eprintln!("parse failed: {:?} / {:?}", a.err(), b.err());
                 std::process::exit(1);
             }
         }
+    }
+}
+
+/// ns per lookup of a present and of an absent token hash.
+fn lookups(policy: &Policy, n: u32) {
+    const ROUNDS: u32 = 200_000;
+    let present: Vec<_> = (0..ROUNDS).map(|i| token::hash(&format!("{}", (i.wrapping_mul(2_654_435_761)) % n.max(1)))).collect();
+    let absent: Vec<_> = (0..ROUNDS).map(|i| token::hash(&format!("absent-{i}"))).collect();
+    for (name, hashes) in [("present", &present), ("absent", &absent)] {
+        let t = Instant::now();
+        let found = hashes.iter().filter(|h| policy.grant_by_hash(h).is_some()).count();
+        let ns = t.elapsed().as_secs_f64() * 1e9 / f64::from(ROUNDS);
+        println!("lookup by hash, {name}: {ns:.0} ns ({found} of {ROUNDS} found)");
     }
 }
