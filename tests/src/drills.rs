@@ -462,15 +462,21 @@ impl World {
     }
 
     fn wasm_failures(&self) -> u64 {
-        // Envoy's counters of failed VMs and plugins, whatever their prefix.
+        // Envoy's counters of failed or reloaded (after a crash) VMs and
+        // plugins, whatever their prefix, plus panics and traps in its log.
         let (_, text) = admin_get(self.envoy.admin_addr(), "/stats?filter=wasm").unwrap_or_default();
-        text.lines()
+        let counted: u64 = text
+            .lines()
             .filter(|l| {
                 let name = l.split(':').next().unwrap_or_default();
-                name.contains("wasm") && (name.contains("fail") || name.contains("crash")) && !name.starts_with("wasmcustom.")
+                !name.starts_with("wasmcustom.")
+                    && (name.contains("fail") || name.contains("crash") || name.ends_with("vm_reload") || name.ends_with("vm_reload_success"))
             })
             .filter_map(|l| l.rsplit(':').next().and_then(|v| v.trim().parse::<u64>().ok()))
-            .sum()
+            .sum();
+        let log = self.envoy.log_contents();
+        let trapped = log.lines().filter(|l| l.contains("panicked at") || l.contains("Uncaught") || l.contains("RuntimeError")).count() as u64;
+        counted + trapped
     }
 
     fn envoy_rss_kib(&self) -> u64 {
