@@ -150,6 +150,10 @@ struct JobRecord {
 #[derive(Debug, Default)]
 struct Model {
     builds: HashMap<Uuid, BuildRecord>,
+    /// Each project's builds by (build_number, restart_counter): what
+    /// InfraBox's `ORDER BY … LIMIT` reads through an index, so a list stays
+    /// as cheap with thousands of builds (a soak triggers many).
+    by_project: HashMap<Uuid, std::collections::BTreeMap<(i64, i64), Uuid>>,
     jobs: HashMap<Uuid, JobRecord>,
     /// Job ids an abort was inserted for, in order (InfraBox's `abort` table).
     aborts: Vec<Uuid>,
@@ -191,6 +195,7 @@ impl Model {
                 restart_counter: i64::from(b.get::<i32, _>("restart_counter")),
                 jobs: Vec::new(),
             };
+            model.by_project.entry(record.project).or_default().insert((record.build_number, record.restart_counter), b.get("id"));
             model.builds.insert(b.get("id"), record);
         }
         let jobs = sqlx::query("SELECT id, build_id, name, project_id FROM job ORDER BY name DESC").fetch_all(pool).await.unwrap_or_default();
@@ -208,7 +213,7 @@ impl Model {
         let (build_number, restart_counter) = match restart_of {
             Some((number, counter)) => (number, counter + 1),
             None => {
-                let next = self.builds.values().filter(|b| b.project == project).map(|b| b.build_number).max();
+                let next = self.by_project.get(&project).and_then(|m| m.keys().next_back()).map(|(n, _)| *n);
                 (next.unwrap_or(0) + 1, 1)
             }
         };
@@ -218,6 +223,7 @@ impl Model {
             let name = if i == 0 { "Create Jobs".to_string() } else { "build".to_string() };
             self.jobs.insert(*job, JobRecord::finished(*job, project, name));
         }
+        self.by_project.entry(project).or_default().insert((build_number, restart_counter), build);
         self.builds.insert(build, BuildRecord { project, build_number, restart_counter, jobs: jobs.clone() });
         let names = jobs.iter().map(|j| (*j, self.jobs.get(j).map(|r| r.name.clone()).unwrap_or_default())).collect();
         NewRows { build, project, build_number, restart_counter, jobs: names }
@@ -225,6 +231,16 @@ impl Model {
 }
 
 /// Writes a new build's rows into InfraBox's `build` and `job` tables.
+/// A project's builds, newest first.
+fn newest_builds(model: &Model, project: Uuid) -> impl Iterator<Item = (&Uuid, &BuildRecord)> {
+    model
+        .by_project
+        .get(&project)
+        .into_iter()
+        .flat_map(|m| m.values().rev())
+        .filter_map(move |id| model.builds.get_key_value(id))
+}
+
 async fn insert_rows(pool: &PgPool, rows: &NewRows) -> Result<()> {
     sqlx::query("INSERT INTO build (id, build_number, restart_counter, project_id) VALUES ($1, $2, $3, $4)")
         .bind(rows.build)
@@ -255,9 +271,13 @@ struct Shared {
     pool: PgPool,
     decoding: DecodingKey,
     encoding: Option<EncodingKey>,
-    records: Mutex<Vec<RecordedRequest>>,
+    /// The newest [`MAX_RECORDS`] requests (a soak sends millions).
+    records: Mutex<std::collections::VecDeque<RecordedRequest>>,
     model: Mutex<Model>,
 }
+
+/// Requests the recorder keeps (the oldest go first).
+const MAX_RECORDS: usize = 100_000;
 
 /// A running fake InfraBox; the server stops when this is dropped.
 pub struct FakeInfraBox {
@@ -318,7 +338,7 @@ impl FakeInfraBox {
             pool,
             decoding,
             encoding,
-            records: Mutex::new(Vec::new()),
+            records: Mutex::new(std::collections::VecDeque::new()),
             model: Mutex::new(model),
         });
         let state = shared.clone();
@@ -380,7 +400,7 @@ impl FakeInfraBox {
 
     /// Every recorded request, oldest first.
     pub fn requests(&self) -> Vec<RecordedRequest> {
-        lock(&self.shared.records).clone()
+        lock(&self.shared.records).iter().cloned().collect()
     }
 
     /// Recorded requests whose path (with query) starts with `path_prefix`.
@@ -525,17 +545,23 @@ async fn handle(state: Arc<Shared>, req: Request<Body>) -> Response {
     let path = parts.uri.path().to_string();
     let path_and_query = parts.uri.path_and_query().map(|p| p.as_str().to_string()).unwrap_or_else(|| path.clone());
 
-    lock(&state.records).push(RecordedRequest {
-        method: parts.method.to_string(),
-        path: path_and_query.clone(),
-        headers: parts
-            .headers
-            .iter()
-            .map(|(n, v)| (n.as_str().to_string(), String::from_utf8_lossy(v.as_bytes()).into_owned()))
-            .collect(),
-        body: body.to_vec(),
-        received_at_ms: now_ms(),
-    });
+    {
+        let mut records = lock(&state.records);
+        if records.len() >= MAX_RECORDS {
+            records.pop_front();
+        }
+        records.push_back(RecordedRequest {
+            method: parts.method.to_string(),
+            path: path_and_query.clone(),
+            headers: parts
+                .headers
+                .iter()
+                .map(|(n, v)| (n.as_str().to_string(), String::from_utf8_lossy(v.as_bytes()).into_owned()))
+                .collect(),
+            body: body.to_vec(),
+            received_at_ms: now_ms(),
+        });
+    }
 
     let query: HashMap<String, String> = parts
         .uri
@@ -917,10 +943,7 @@ fn answer(
     let response = match endpoint {
         ProjectEndpoint::Project => axum::Json(project_json(project, role)).into_response(),
         ProjectEndpoint::Builds => {
-            let mut builds: Vec<_> = model.builds.iter().filter(|(_, b)| b.project == pid).collect();
-            builds.sort_by(|a, b| (b.1.build_number, b.1.restart_counter).cmp(&(a.1.build_number, a.1.restart_counter)));
-            let list: Vec<Value> = builds
-                .into_iter()
+            let list: Vec<Value> = newest_builds(model, pid)
                 .take(50)
                 .map(|(id, b)| json!({"id": id, "build_number": b.build_number, "restart_counter": b.restart_counter}))
                 .collect();
@@ -946,10 +969,8 @@ fn answer(
             None => axum::Json(json!([])).into_response(),
         },
         ProjectEndpoint::Jobs => {
-            let mut builds: Vec<_> = model.builds.iter().filter(|(_, b)| b.project == pid).collect();
-            builds.sort_by(|a, b| (b.1.build_number, b.1.restart_counter).cmp(&(a.1.build_number, a.1.restart_counter)));
             let mut list = Vec::new();
-            for (bid, b) in builds.into_iter().take(10) {
+            for (bid, b) in newest_builds(model, pid).take(10) {
                 for jid in &b.jobs {
                     if let Some(j) = model.jobs.get(jid) {
                         list.push(json!({

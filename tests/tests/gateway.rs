@@ -604,7 +604,12 @@ async fn snapshot_stand_in(s: &Stack, mode: std::sync::Arc<std::sync::Mutex<Serv
 async fn a_vm_refuses_a_snapshot_it_cannot_verify_and_keeps_the_last_good_one() {
     // Probing with tokens the VM must not know: no failed-authentication
     // budget in the way (tests/attacks.rs tests that budget).
-    let s = Stack::start(StackOptions { plugin: json!({"auth_failure_limit": 1_000_000}), ..StackOptions::default() }).await.unwrap();
+    let s = Stack::start(StackOptions {
+        plugin: json!({"auth_failure_limit": 1_000_000, "require_snapshot_signature": true}),
+        ..StackOptions::default()
+    })
+    .await
+    .unwrap();
     let (user, projects) = s.user_with_projects("signed", 1).await.unwrap();
     let path = format!("/api/v1/mcp/projects/{}", projects[0]);
     let (_, first) = s.create_token(user, json!({}), 30).await.unwrap();

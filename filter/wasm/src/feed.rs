@@ -250,12 +250,17 @@ impl Root {
         // the policy in force, the one being built and a 64 KiB window. The
         // body is authenticated as it is read, and the policy is taken only
         // if the whole body verifies (DESIGN §7).
-        let Some(key) = self.shared.config().map(|c| signature::signing_key(&c.snapshot_secret)) else {
+        let Some(config) = self.shared.config() else {
             return self.failed();
         };
-        let signed = host::http_call_response_header(signature::HEADER);
-        let mut body = signature::VerifyingReader::new(host::HttpCallBody::new(body_size), &key);
-        let parsed = Policy::from_reader(&mut body).and_then(|p| body.verify(signed.as_deref()).map(|()| p));
+        let parsed = if config.require_snapshot_signature {
+            let key = signature::signing_key(&config.snapshot_secret);
+            let signed = host::http_call_response_header(signature::HEADER);
+            let mut body = signature::VerifyingReader::new(host::HttpCallBody::new(body_size), &key);
+            Policy::from_reader(&mut body).and_then(|p| body.verify(signed.as_deref()).map(|()| p))
+        } else {
+            Policy::from_reader(host::HttpCallBody::new(body_size))
+        };
         match parsed {
             Ok(policy) => {
                 let took = (host::now_unix_ms() - started).max(0);
