@@ -247,9 +247,9 @@ impl Root {
         let metrics = self.shared.metrics();
         let started = host::now_unix_ms();
         // Read from the host a piece at a time while parsing: the VM holds
-        // the policy in force, the one being built and a 64 KiB window. The
-        // body is authenticated as it is read, and the policy is taken only
-        // if the whole body verifies (DESIGN §7).
+        // the policy in force, the one being built and a 64 KiB window. With
+        // require_snapshot_signature the body is authenticated as it is read,
+        // and the policy is taken only if the whole body verifies (DESIGN §7).
         let Some(config) = self.shared.config() else {
             return self.failed();
         };
