@@ -307,7 +307,7 @@ struct World {
 
 impl World {
     async fn start(settings: &Settings) -> Result<Self> {
-        let pg: &'static PostgresServer = Box::leak(Box::new(PostgresServer::start_with(&fresh_dir("drill-postgres"), true)?));
+        let pg: &'static PostgresServer = Box::leak(Box::new(PostgresServer::start_with(&PostgresServer::base_dir_for("drill-postgres"), true)?));
         let database_url = pg.create_database("drills").await?;
         let db = pool(&database_url).await?;
         infrabox_db::load_infrabox_schema(&db).await?;

@@ -202,12 +202,21 @@ impl PostgresServer {
     pub fn shared() -> &'static PostgresServer {
         static SHARED: OnceLock<PostgresServer> = OnceLock::new();
         SHARED.get_or_init(|| {
-            let mut base = crate::scratch::process_dir().join("postgres");
-            if unprivileged_owner().ok().flatten().is_some() && !traversable_by_others(&base) {
-                base = std::env::temp_dir().join(format!("mcp-e2e-{}", std::process::id())).join("postgres");
-            }
-            PostgresServer::start(&base).expect("starting the shared Postgres server")
+            PostgresServer::start(&Self::base_dir_for("postgres")).expect("starting the shared Postgres server")
         })
+    }
+
+    /// Where a server named `name` can keep its data: under
+    /// `target/e2e/<pid>/`, unless the server runs as the `postgres` user
+    /// and a directory above that is closed to others (a checkout under a
+    /// `mktemp -d` directory, mode 0700): then under the system's
+    /// temporary directory.
+    pub fn base_dir_for(name: &str) -> PathBuf {
+        let base = crate::scratch::process_dir().join(name);
+        if unprivileged_owner().ok().flatten().is_some() && !traversable_by_others(&base) {
+            return std::env::temp_dir().join(format!("mcp-e2e-{}", std::process::id())).join(name);
+        }
+        base
     }
 
     /// The postmaster's process id, while it runs (its backends are its
