@@ -562,12 +562,22 @@ async fn snapshot_stand_in(s: &Stack, mode: std::sync::Arc<std::sync::Mutex<Serv
             }
             let head = String::from_utf8_lossy(&head).to_lowercase();
             let known = head.lines().find_map(|l| l.strip_prefix("if-none-match:")).map(|v| v.trim().trim_matches('"').to_string());
-            let r = RawRequest::get("/v1/snapshot").header("Authorization", &format!("Bearer {secret}")).send(real, Duration::from_secs(5)).await.unwrap();
+            // The VM's question, without the long-poll: a delta from its
+            // version when it asks for one.
+            let delta = head.lines().next().is_some_and(|l| l.contains(mcp_filter_core::snapshot::DELTA_QUERY));
+            let mut ask = RawRequest::get(if delta { "/v1/snapshot?delta=1" } else { "/v1/snapshot" }).header("Authorization", &format!("Bearer {secret}"));
+            if let Some(k) = &known {
+                ask = ask.header("If-None-Match", &format!("\"{k}\""));
+            }
+            let r = ask.send(real, Duration::from_secs(5)).await.unwrap();
             let version = r.header("etag").unwrap_or_default().trim_matches('"').to_string();
             let signature = r.header(mcp_filter_core::signature::HEADER).unwrap_or_default().to_string();
-            first_signature.get_or_insert(signature.clone());
+            let base = r.header(mcp_filter_core::snapshot::DELTA_BASE_HEADER).map(str::to_owned);
+            if r.status == 200 {
+                first_signature.get_or_insert(signature.clone());
+            }
             let m = *mode.lock().unwrap();
-            let reply = if known.as_deref() == Some(version.as_str()) && m == Serve::Genuine {
+            let reply = if r.status == 304 {
                 tokio::time::sleep(Duration::from_secs(1)).await;
                 format!("HTTP/1.1 304 Not Modified\r\netag: \"{version}\"\r\ncontent-length: 0\r\n\r\n").into_bytes()
             } else {
@@ -587,6 +597,9 @@ async fn snapshot_stand_in(s: &Stack, mode: std::sync::Arc<std::sync::Mutex<Serv
                 let mut out = format!("HTTP/1.1 200 OK\r\ncontent-type: application/json\r\netag: \"{version}\"\r\ncontent-length: {}\r\n", body.len());
                 if let Some(sig) = signature {
                     out.push_str(&format!("{}: {sig}\r\n", mcp_filter_core::signature::HEADER));
+                }
+                if let Some(base) = &base {
+                    out.push_str(&format!("{}: {base}\r\n", mcp_filter_core::snapshot::DELTA_BASE_HEADER));
                 }
                 out.push_str("\r\n");
                 let mut out = out.into_bytes();
@@ -632,8 +645,10 @@ async fn a_vm_refuses_a_snapshot_it_cannot_verify_and_keeps_the_last_good_one() 
         let (_, newer) = s.create_token(user, json!({}), 30).await.unwrap();
         s.wait_until_status(&newer, &path, 200).await;
         *mode.lock().unwrap() = spoiled;
+        // Each of the two VMs refuses the delta it asked for, then the
+        // whole snapshot it asks for next.
         let rejected = envoy.stat("wasmcustom.mcp_snapshot_rejected").unwrap_or(0);
-        envoy.wait_stat("wasmcustom.mcp_snapshot_rejected", rejected + 2, Duration::from_secs(10)).unwrap();
+        envoy.wait_stat("wasmcustom.mcp_snapshot_rejected", rejected + 4, Duration::from_secs(10)).unwrap();
         assert_eq!(status(newer.clone()).await, 401, "{spoiled:?}: the VM must not take that snapshot");
         assert_eq!(status(first.clone()).await, 200, "{spoiled:?}: the last good snapshot stays in force");
         // Genuine again: taken at once.
@@ -644,5 +659,67 @@ async fn a_vm_refuses_a_snapshot_it_cannot_verify_and_keeps_the_last_good_one() 
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
-    assert!(envoy.log_contents().contains("rejected snapshot"), "the refusal is logged");
+    let log = envoy.log_contents();
+    assert!(log.matches("rejected snapshot").count() >= 4, "the refusals are logged:\n{log}");
+    // Each change was first offered as a delta, spoiled the same way.
+    assert!(log.matches("rejected delta").count() >= 4, "spoiled deltas are refused too:\n{log}");
+}
+
+/// Token changes reach a VM as deltas a fraction of the snapshot's size,
+/// signed and verified, and the policy they build is the control plane's
+/// current version.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn token_changes_travel_as_signed_deltas_that_end_at_the_full_snapshot() {
+    let s = Stack::start(StackOptions { plugin: json!({"require_snapshot_signature": true}), ..StackOptions::default() }).await.unwrap();
+    let (user, projects) = s.user_with_projects("delta", 2).await.unwrap();
+    let path = format!("/api/v1/mcp/projects/{}", projects[0]);
+    // 200 tokens of 20 other users, so the full snapshot is tens of kilobytes.
+    sqlx::query(
+        r#"INSERT INTO "user" (id, username, email)
+           SELECT md5('deltauser' || u)::uuid, 'delta-' || u, 'delta-' || u || '@example.test' FROM generate_series(0, 19) u"#,
+    )
+    .execute(&s.db)
+    .await
+    .unwrap();
+    sqlx::query(
+        "INSERT INTO mcp_token (token_id, token_hash, user_id, name, enabled_projects, expires_at)
+         SELECT lpad(to_hex(g + 4096), 16, '0'), encode(sha256(convert_to('deltabulk' || g, 'UTF8')), 'hex'),
+                md5('deltauser' || (g % 20))::uuid, 'bulk', '{}'::jsonb, (now() AT TIME ZONE 'utc') + interval '30 days'
+         FROM generate_series(1, 200) g",
+    )
+    .execute(&s.db)
+    .await
+    .unwrap();
+    let (first_id, first) = s.create_token(user, json!({}), 30).await.unwrap();
+    s.wait_until_status(&first, &path, 200).await;
+    let full_bytes = RawRequest::get("/v1/snapshot")
+        .header("authorization", &format!("Bearer {}", s.snapshot_secret))
+        .send(s.control_plane.internal_addr(), Duration::from_secs(10))
+        .await
+        .unwrap()
+        .body
+        .len() as u64;
+    let stat = |name: &str| s.envoy.stat(&format!("wasmcustom.{name}")).unwrap_or(0);
+    let (deltas, bytes) = (stat("mcp_snapshot_deltas"), stat("mcp_snapshot_bytes"));
+    // A token made, one scoped to the other project, one revoked.
+    let (_, second) = s.create_token(user, json!({}), 30).await.unwrap();
+    s.wait_until_status(&second, &path, 200).await;
+    let (_, narrow) = s.create_token(user, json!({projects[1].to_string(): null}), 30).await.unwrap();
+    s.wait_until_status(&narrow, &format!("/api/v1/mcp/projects/{}", projects[1]), 200).await;
+    let del = s.token_api(user, "DELETE", &format!("/api/v1/mcp/tokens/{first_id}"), None).await.unwrap();
+    assert!(del.status < 300, "{}", del.text());
+    s.wait_until_status(&first, &path, 401).await;
+    assert_eq!(s.mcp_get(&narrow, &path).await.unwrap().status, 403, "the narrow token is scoped to its project");
+    let applied = stat("mcp_snapshot_deltas") - deltas;
+    let per_change = (stat("mcp_snapshot_bytes") - bytes) / applied.max(1);
+    println!("{applied} deltas, {per_change} bytes each on average; the full snapshot is {full_bytes} bytes");
+    assert!(applied >= 3, "three changes, {applied} deltas");
+    assert!(per_change * 10 < full_bytes, "a delta of {per_change} bytes against a {full_bytes}-byte snapshot");
+    assert_eq!(stat("mcp_snapshot_rejected"), 0);
+    // The VM's last version is the one the control plane serves.
+    let (served, count) = served_snapshot(&s).await;
+    assert_eq!(count, 202);
+    let log = s.envoy.log_contents();
+    let last = log.lines().filter(|l| l.contains("applied delta") || l.contains("applied snapshot")).last().unwrap_or_default();
+    assert!(last.contains("applied delta") && last.contains(&format!("version={served}")), "last applied: {last}");
 }

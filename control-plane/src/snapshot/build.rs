@@ -9,11 +9,16 @@
 //! revocation among 100 000 tokens costs milliseconds, not a full reload.
 //! Either way the body is serialized once and its content hashed for the
 //! version: a patched model and a full build of the same rows are equal.
+//!
+//! For delta snapshots a build also says what it changed ([`Change`]): a
+//! patch, the tokens it named; a full build, what differs between the
+//! [`Fingerprint`]s of the old and new content. [`Model::delta`] renders a
+//! change as the [`SnapshotDelta`] a VM applies.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
 use mcp_filter_core::token;
-use mcp_filter_core::snapshot::{Limits, Snapshot, SnapshotToken, SnapshotUser, SCHEMA};
+use mcp_filter_core::snapshot::{Limits, Snapshot, SnapshotDelta, SnapshotToken, SnapshotUser, SCHEMA};
 use serde::ser::SerializeMap;
 use serde_json::Value;
 use sha2::{Digest, Sha256};
@@ -238,6 +243,40 @@ impl Model {
         self.tokens.len()
     }
 
+    /// The users of the tokens named in `ids` that this model holds.
+    pub fn users_of(&self, ids: &[String]) -> BTreeSet<String> {
+        ids.iter().filter_map(|id| self.tokens.get(id)).map(|t| t.user_id.clone()).collect()
+    }
+
+    /// `change` as a delta from `base` to this model (of version `version`):
+    /// each named token as it is now, or removed; the credentials of the
+    /// named users and of every user of those tokens.
+    pub fn delta(&self, limits: &Limits, change: &Change, base: &str, version: &str, generated_at: i64) -> SnapshotDelta {
+        let mut tokens = Vec::new();
+        let mut removed = Vec::new();
+        let mut users: BTreeSet<&str> = change.users.iter().map(String::as_str).collect();
+        for id in &change.tokens {
+            match self.tokens.get(id) {
+                Some(t) => {
+                    users.insert(&t.user_id);
+                    tokens.push(t.clone());
+                }
+                None => removed.push(id.clone()),
+            }
+        }
+        SnapshotDelta {
+            schema: SCHEMA,
+            version: version.to_owned(),
+            base: base.to_owned(),
+            generated_at,
+            limits: limits.clone(),
+            total: self.tokens.len(),
+            tokens,
+            removed,
+            users: users.into_iter().filter_map(|u| self.users.get(u).map(|c| (u.to_owned(), c.clone()))).collect(),
+        }
+    }
+
     pub fn user_count(&self) -> usize {
         self.users.len()
     }
@@ -293,6 +332,72 @@ impl Model {
         body.extend_from_slice(head.as_bytes());
         body.extend_from_slice(content.get(1..).unwrap_or_default());
         Ok((version, body))
+    }
+}
+
+/// What one build changed: ids of tokens and users added, altered or gone.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Change {
+    pub tokens: BTreeSet<String>,
+    pub users: BTreeSet<String>,
+}
+
+impl Change {
+    pub fn extend(&mut self, other: &Change) {
+        self.tokens.extend(other.tokens.iter().cloned());
+        self.users.extend(other.users.iter().cloned());
+    }
+}
+
+/// A digest of every token and user of a model (128 bits of SHA-256 of each
+/// one's wire form): what a full build compares to know what it changed,
+/// without keeping the previous model.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Fingerprint {
+    tokens: HashMap<String, [u8; 16]>,
+    users: HashMap<String, [u8; 16]>,
+}
+
+fn digest<T: serde::Serialize>(value: &T) -> [u8; 16] {
+    let mut out = [0u8; 16];
+    if let Ok(bytes) = serde_json::to_vec(value) {
+        out.copy_from_slice(&Sha256::digest(&bytes)[..16]);
+    }
+    out
+}
+
+impl Fingerprint {
+    pub fn of(model: &Model) -> Self {
+        Self {
+            tokens: model.tokens.iter().map(|(id, t)| (id.clone(), digest(t))).collect(),
+            users: model.users.iter().map(|(id, u)| (id.clone(), digest(u))).collect(),
+        }
+    }
+
+    /// Takes the entries `change` names from `model` again (after a patch).
+    pub fn refresh(&mut self, model: &Model, change: &Change) {
+        for id in &change.tokens {
+            match model.tokens.get(id) {
+                Some(t) => self.tokens.insert(id.clone(), digest(t)),
+                None => self.tokens.remove(id),
+            };
+        }
+        for id in &change.users {
+            match model.users.get(id) {
+                Some(u) => self.users.insert(id.clone(), digest(u)),
+                None => self.users.remove(id),
+            };
+        }
+    }
+
+    /// What differs between this content and `new`.
+    pub fn diff(&self, new: &Fingerprint) -> Change {
+        fn keys(old: &HashMap<String, [u8; 16]>, new: &HashMap<String, [u8; 16]>) -> BTreeSet<String> {
+            let changed = new.iter().filter(|(k, d)| old.get(*k) != Some(*d)).map(|(k, _)| k.clone());
+            let gone = old.keys().filter(|k| !new.contains_key(*k)).cloned();
+            changed.chain(gone).collect()
+        }
+        Change { tokens: keys(&self.tokens, &new.tokens), users: keys(&self.users, &new.users) }
     }
 }
 

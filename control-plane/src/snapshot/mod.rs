@@ -2,5 +2,6 @@
 //! the database, kept current and served on the internal listener.
 
 pub mod build;
+pub mod changes;
 pub mod publisher;
 pub mod serve;

@@ -5,9 +5,10 @@
 //! patches just those; any other, a burst of more than [`MAX_PATCH`]
 //! tokens, a reconnect and the refresh interval rebuild everything. A new
 //! value is published only when the content version changes, which wakes
-//! the long-polls.
+//! the long-polls. Each new value also carries the deltas from the versions
+//! in the [`ChangeLog`] to it, rendered and signed once.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -17,7 +18,8 @@ use sqlx::postgres::PgListener;
 use sqlx::PgPool;
 use tokio::sync::{watch, Notify};
 
-use super::build;
+use super::build::{self, Change, Fingerprint};
+use super::changes::{ChangeLog, SignedDelta};
 use crate::credential::cipher::CredentialCipher;
 
 /// Postgres channel the `mcp_token` trigger notifies.
@@ -55,6 +57,8 @@ pub struct Published {
     pub body: Bytes,
     /// HMAC-SHA256 of `body` ([`mcp_filter_core::signature`]), hex.
     pub signature: String,
+    /// The delta to this version from each earlier version still known.
+    pub deltas: HashMap<String, SignedDelta>,
 }
 
 /// The current snapshot; `None` until the first build succeeds.
@@ -68,16 +72,19 @@ pub struct SnapshotPublisher {
     tx: watch::Sender<Option<Arc<Published>>>,
     /// Signs every body (derived from the snapshot secret VMs share).
     signing_key: [u8; 32],
-    /// The content last built (what patches apply to); `None` before the
-    /// first full build.
-    model: Mutex<Option<build::Model>>,
+    /// The content last built (what patches apply to) and its fingerprint
+    /// (what the next full build is compared with); `None` before the first
+    /// full build.
+    model: Mutex<Option<(build::Model, Fingerprint)>>,
+    /// What each recent version changed.
+    log: Mutex<ChangeLog>,
 }
 
 impl SnapshotPublisher {
     pub fn new(pool: PgPool, limits: Limits, cipher: Arc<CredentialCipher>, snapshot_secret: &str) -> (Self, Current) {
         let (tx, rx) = watch::channel(None);
         let signing_key = mcp_filter_core::signature::signing_key(snapshot_secret);
-        (Self { pool, limits, cipher, tx, signing_key, model: Mutex::new(None) }, rx)
+        (Self { pool, limits, cipher, tx, signing_key, model: Mutex::new(None), log: Mutex::default() }, rx)
     }
 
     /// Rebuilds from the database; publishes if the version changed.
@@ -87,9 +94,11 @@ impl SnapshotPublisher {
         let loaded_ms = started.elapsed().as_millis() as u64;
         let credentials = build::open_credentials(&loaded.credentials, &self.cipher);
         let model = build::Model::assemble(loaded, &credentials);
-        let result = self.publish(&model, "rebuild", started, loaded_ms);
+        let fingerprint = Fingerprint::of(&model);
+        let change = self.model.lock().ok().and_then(|m| m.as_ref().map(|(_, old)| old.diff(&fingerprint)));
+        let result = self.publish(&model, change, "rebuild", started, loaded_ms);
         if let Ok(mut m) = self.model.lock() {
-            *m = Some(model);
+            *m = Some((model, fingerprint));
         }
         result
     }
@@ -106,26 +115,45 @@ impl SnapshotPublisher {
         let loaded_ms = started.elapsed().as_millis() as u64;
         let credentials = build::open_credentials(&loaded.credentials, &self.cipher);
         let mut guard = self.model.lock().map_err(|_| sqlx::Error::Protocol("snapshot model lock poisoned".into()))?;
-        let Some(model) = guard.as_mut() else { return Ok(()) };
+        let Some((model, fingerprint)) = guard.as_mut() else { return Ok(()) };
+        // The named tokens, and their users before and after.
+        let mut users = model.users_of(ids);
         model.patch(ids, loaded, &credentials);
-        self.publish(model, "patch", started, loaded_ms)
+        users.extend(model.users_of(ids));
+        let change = Change { tokens: ids.iter().cloned().collect(), users };
+        fingerprint.refresh(model, &change);
+        self.publish(model, Some(change), "patch", started, loaded_ms)
     }
 
-    fn publish(&self, model: &build::Model, how: &'static str, started: Instant, loaded_ms: u64) -> Result<(), sqlx::Error> {
-        let (version, body) = model
-            .render(&self.limits, chrono::Utc::now().timestamp())
-            .map_err(|e| sqlx::Error::Protocol(format!("snapshot serialization: {e}")))?;
-        let unchanged = self.tx.borrow().as_ref().is_some_and(|p| p.version == version);
-        if unchanged {
+    /// Publishes `model` if its version is new; `change`: what it changed
+    /// since the version published now (`None`: not known).
+    fn publish(&self, model: &build::Model, change: Option<Change>, how: &'static str, started: Instant, loaded_ms: u64) -> Result<(), sqlx::Error> {
+        let generated_at = chrono::Utc::now().timestamp();
+        let rendered = model.render(&self.limits, generated_at);
+        let mut log = self.log.lock().map_err(|_| sqlx::Error::Protocol("snapshot change log lock poisoned".into()))?;
+        let (version, body) = match rendered {
+            Ok(r) => r,
+            Err(e) => {
+                // This change is then never published: no delta may skip it.
+                log.clear();
+                return Err(sqlx::Error::Protocol(format!("snapshot serialization: {e}")));
+            }
+        };
+        let previous = self.tx.borrow().as_ref().map(|p| p.version.clone());
+        if previous.as_deref() == Some(version.as_str()) {
             tracing::debug!(%version, how, "snapshot unchanged");
             return Ok(());
         }
+        log.record(previous.as_deref(), change);
+        let deltas = log.deltas(model, &self.limits, &version, generated_at, &self.signing_key);
+        drop(log);
         let published = Published {
             version,
             token_count: model.token_count(),
             without_credential: model.tokens_without_credential(),
             signature: mcp_filter_core::signature::sign(&self.signing_key, &body),
             body: Bytes::from(body),
+            deltas,
         };
         tracing::info!(
             version = %published.version,
@@ -133,6 +161,7 @@ impl SnapshotPublisher {
             tokens = published.token_count,
             users = model.user_count(),
             bytes = published.body.len(),
+            deltas = published.deltas.len(),
             loaded_ms,
             total_ms = started.elapsed().as_millis() as u64,
             "snapshot published"

@@ -1,5 +1,7 @@
 //! The internal listener's routes: `GET /v1/snapshot` (bearer secret,
-//! `If-None-Match`, `?wait=` long-poll) and `GET /healthz`.
+//! `If-None-Match`, `?wait=` long-poll, `?delta=1` for a delta from the
+//! version named in `If-None-Match` when the change log has one) and
+//! `GET /healthz`.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -78,25 +80,46 @@ pub fn parse_wait(query: Option<&str>) -> Result<u64, ApiError> {
     Ok(wait)
 }
 
+/// Whether the query asks for a delta (`delta=1`).
+pub fn wants_delta(query: Option<&str>) -> bool {
+    query.unwrap_or_default().split('&').any(|p| p == mcp_filter_core::snapshot::DELTA_QUERY)
+}
+
 fn etag(version: &str) -> HeaderValue {
     HeaderValue::from_str(&format!("\"{version}\"")).unwrap_or_else(|_| HeaderValue::from_static("\"\""))
 }
 
-fn full(p: &Published) -> Response {
+fn signed(version: &str, body: axum::body::Bytes, signature: &str) -> Response {
     (
         StatusCode::OK,
         [
             (header::CONTENT_TYPE, HeaderValue::from_static("application/json")),
-            (header::ETAG, etag(&p.version)),
+            (header::ETAG, etag(version)),
             (header::CACHE_CONTROL, HeaderValue::from_static("no-store")),
             (
                 header::HeaderName::from_static(mcp_filter_core::signature::HEADER),
-                HeaderValue::from_str(&p.signature).unwrap_or_else(|_| HeaderValue::from_static("")),
+                HeaderValue::from_str(signature).unwrap_or_else(|_| HeaderValue::from_static("")),
             ),
         ],
-        p.body.clone(),
+        body,
     )
         .into_response()
+}
+
+/// The new version for a client that holds one of `known`: the delta from
+/// it when asked for and logged, else the whole snapshot.
+fn answer(p: &Published, known: &[String], delta: bool) -> Response {
+    let logged = known.iter().find_map(|k| p.deltas.get(k).map(|d| (k, d))).filter(|_| delta);
+    match logged {
+        Some((base, d)) => {
+            let mut response = signed(&p.version, d.body.clone(), &d.signature);
+            if let Ok(v) = HeaderValue::from_str(base) {
+                response.headers_mut().insert(header::HeaderName::from_static(mcp_filter_core::snapshot::DELTA_BASE_HEADER), v);
+            }
+            response
+        }
+        None => signed(&p.version, p.body.clone(), &p.signature),
+    }
 }
 
 fn not_modified(version: &str) -> Response {
@@ -108,6 +131,7 @@ async fn snapshot(State(svc): State<SnapshotService>, headers: HeaderMap, RawQue
         return Err(ApiError::unauthorized("unauthorized", "a valid snapshot bearer secret is required"));
     }
     let wait = parse_wait(query.as_deref())?;
+    let delta = wants_delta(query.as_deref());
     let known = headers
         .get(header::IF_NONE_MATCH)
         .and_then(|v| v.to_str().ok())
@@ -119,7 +143,7 @@ async fn snapshot(State(svc): State<SnapshotService>, headers: HeaderMap, RawQue
     let now = current.borrow_and_update().clone().ok_or_else(unavailable)?;
     let matches = |p: &Published| known.iter().any(|k| k == "*" || *k == p.version);
     if !matches(&now) {
-        return Ok(full(&now));
+        return Ok(answer(&now, &known, delta));
     }
     let deadline = tokio::time::Instant::now() + Duration::from_secs(wait);
     let mut latest: Arc<Published> = now;
@@ -133,7 +157,7 @@ async fn snapshot(State(svc): State<SnapshotService>, headers: HeaderMap, RawQue
                     latest = p;
                 }
                 if !matches(&latest) {
-                    return Ok(full(&latest));
+                    return Ok(answer(&latest, &known, delta));
                 }
             }
             _ = tokio::time::sleep_until(deadline) => break,
@@ -173,6 +197,12 @@ mod tests {
         assert!(parse_wait(Some("wait=abc")).is_err());
         assert!(parse_wait(Some("wait=1.5")).is_err());
         assert!(parse_wait(Some("wait=")).is_err());
+        assert!(wants_delta(Some("wait=20&delta=1")));
+        assert!(wants_delta(Some("delta=1")));
+        assert!(!wants_delta(Some("wait=20")));
+        assert!(!wants_delta(Some("delta=0")));
+        assert!(!wants_delta(Some("xdelta=1")));
+        assert!(!wants_delta(None));
     }
 
     #[test]

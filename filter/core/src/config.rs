@@ -58,6 +58,9 @@ pub struct PluginConfig {
     /// 100 000 tokens (bench/results.md), which would put revocation at
     /// that size over its budget until snapshots travel as deltas.
     pub require_snapshot_signature: bool,
+    /// Ask for deltas from the version held (`?delta=1`): a token change
+    /// then costs a VM kilobytes, not the whole snapshot (default true).
+    pub snapshot_deltas: bool,
     /// The key of the audit's argument digests ([`crate::audit::arguments_key`]
     /// of the gRPC secret). Never logged.
     pub arguments_key: [u8; 32],
@@ -109,6 +112,12 @@ struct Raw {
     max_policy_age_seconds: Option<u32>,
     #[serde(default)]
     require_snapshot_signature: bool,
+    #[serde(default = "d_true")]
+    snapshot_deltas: bool,
+}
+
+fn d_true() -> bool {
+    true
 }
 
 fn d_cluster() -> String {
@@ -259,6 +268,7 @@ impl PluginConfig {
             documentation_url: raw.documentation_url,
             max_policy_age_seconds,
             require_snapshot_signature: raw.require_snapshot_signature,
+            snapshot_deltas: raw.snapshot_deltas,
         })
     }
 }

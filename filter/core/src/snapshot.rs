@@ -8,6 +8,12 @@
 //! compact array `[token_id, token_hash, user_id, expires_at, allow_trigger,
 //! projects]` (about 30 % smaller than objects at 100 000 tokens); the
 //! parser also accepts tokens as objects with those keys.
+//!
+//! A VM that holds version N asks for `?delta=1` with `If-None-Match: "N"`;
+//! when N is in the control plane's change log it gets a [`SnapshotDelta`]
+//! (marked by [`DELTA_BASE_HEADER`]): only the tokens and users that changed
+//! since N, which it applies to the policy it holds
+//! ([`crate::policy::Policy::apply_delta`]); otherwise the full snapshot.
 
 use std::collections::BTreeMap;
 
@@ -18,6 +24,13 @@ use crate::route::Class;
 
 /// Current snapshot schema version.
 pub const SCHEMA: u32 = 1;
+
+/// The query parameter a VM adds to ask for a delta from its version.
+pub const DELTA_QUERY: &str = "delta=1";
+
+/// Response header naming the version a delta applies to (the body's
+/// `base`, which is what counts; the header only says which parser to use).
+pub const DELTA_BASE_HEADER: &str = "x-mcp-snapshot-base";
 
 /// The wire format.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -32,6 +45,30 @@ pub struct Snapshot {
     /// Live tokens (not revoked, not yet expired when built).
     pub tokens: Vec<SnapshotToken>,
     /// Upstream credentials per user id.
+    pub users: BTreeMap<String, SnapshotUser>,
+}
+
+/// What changed from the snapshot `base` to the snapshot `version`.
+/// Applied to a policy of version `base` it gives exactly the policy of
+/// `version`: every token in `tokens` replaces (or adds) the one with its id,
+/// every id in `removed` goes, `users` replaces the credentials of the users
+/// it names (it names every user of `tokens`), and a user left without a
+/// token goes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotDelta {
+    pub schema: u32,
+    pub version: String,
+    pub base: String,
+    pub generated_at: i64,
+    pub limits: Limits,
+    /// Live tokens once applied (the VM checks it).
+    pub total: usize,
+    /// Tokens added or changed, whole (compact arrays).
+    pub tokens: Vec<SnapshotToken>,
+    /// Ids of tokens no longer live.
+    pub removed: Vec<String>,
+    /// Credentials of every user of `tokens` and of every user whose
+    /// credentials changed.
     pub users: BTreeMap<String, SnapshotUser>,
 }
 

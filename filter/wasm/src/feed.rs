@@ -3,7 +3,9 @@
 //! `If-None-Match`, applies a new snapshot atomically for this VM, keeps the
 //! last good one on any error, and backs off with jitter while the control
 //! plane is away. Until the first snapshot arrives `policy` is `None`, which
-//! the pipeline answers with 503 `policy_unavailable`.
+//! the pipeline answers with 503 `policy_unavailable`. Holding a policy, it
+//! asks for a delta from its version (`snapshot_deltas`) and applies it to a
+//! copy; a delta it cannot apply makes the next poll ask for everything.
 //!
 //! Its tick is also the rate-limit watchdog: a request still paused on its
 //! rate-limit callout after the callout's deadline is decided by the local
@@ -20,6 +22,7 @@ use mcp_filter_core::config::PluginConfig;
 use mcp_filter_core::ownership::OwnershipCache;
 use mcp_filter_core::policy::Policy;
 use mcp_filter_core::signature;
+use mcp_filter_core::snapshot;
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::ContextType;
@@ -90,6 +93,8 @@ struct Poll {
     backoff_ms: i64,
     last_contact_ms: i64,
     rng: u64,
+    /// The last delta could not be applied: ask for the whole snapshot.
+    full_next: bool,
 }
 
 pub struct Root {
@@ -194,9 +199,10 @@ impl Root {
             return;
         }
         let version = self.shared.policy().map(|p| p.version.clone());
+        let delta = if cfg.snapshot_deltas && !self.poll.full_next { format!("&{}", snapshot::DELTA_QUERY) } else { String::new() };
         let (path, timeout) = match &version {
             Some(_) => (
-                format!("{}?wait={}", cfg.snapshot_path, cfg.snapshot_wait_seconds),
+                format!("{}?wait={}{delta}", cfg.snapshot_path, cfg.snapshot_wait_seconds),
                 Duration::from_secs(u64::from(cfg.snapshot_wait_seconds) + 10),
             ),
             None => (cfg.snapshot_path.clone(), Duration::from_secs(10)),
@@ -253,18 +259,34 @@ impl Root {
         let Some(config) = self.shared.config() else {
             return self.failed();
         };
+        Metrics::add(metrics.snapshot_bytes, body_size as i64);
+        // A delta applies to the policy held (its body names the base it
+        // needs); without one held, a delta is refused like any bad body.
+        let held = self.shared.policy();
+        let delta = host::http_call_response_header(snapshot::DELTA_BASE_HEADER).is_some();
+        let read = |body: &mut dyn std::io::Read| match (delta, &held) {
+            (false, _) => Policy::from_reader(body),
+            (true, Some(old)) => old.apply_delta(body),
+            (true, None) => Err(snapshot::SnapshotError("a delta, and no policy to apply it to".into())),
+        };
         let parsed = if config.require_snapshot_signature {
             let key = signature::signing_key(&config.snapshot_secret);
             let signed = host::http_call_response_header(signature::HEADER);
             let mut body = signature::VerifyingReader::new(host::HttpCallBody::new(body_size), &key);
-            Policy::from_reader(&mut body).and_then(|p| body.verify(signed.as_deref()).map(|()| p))
+            read(&mut body).and_then(|p| body.verify(signed.as_deref()).map(|()| p))
         } else {
-            Policy::from_reader(host::HttpCallBody::new(body_size))
+            read(&mut host::HttpCallBody::new(body_size))
         };
+        drop(held);
         match parsed {
             Ok(policy) => {
                 let took = (host::now_unix_ms() - started).max(0);
-                log::info!("applied snapshot version={} tokens={} in {took} ms", policy.version, policy.token_count());
+                let kind = if delta { "delta" } else { "snapshot" };
+                log::info!("applied {kind} version={} tokens={} bytes={body_size} in {took} ms", policy.version, policy.token_count());
+                if delta {
+                    Metrics::inc(metrics.snapshot_deltas);
+                }
+                self.poll.full_next = false;
                 Metrics::set(metrics.snapshot_tokens, policy.token_count() as u64);
                 Metrics::set(metrics.snapshot_apply_ms, took as u64);
                 // Replace (and free) the previous policy before the update
@@ -275,8 +297,11 @@ impl Root {
                 self.succeeded();
             }
             Err(e) => {
-                log::warn!("rejected snapshot, keeping the previous one: {e}");
+                log::warn!("rejected {}, keeping the previous policy: {e}", if delta { "delta" } else { "snapshot" });
                 Metrics::inc(metrics.snapshot_rejected);
+                // The whole snapshot next: a delta that does not apply
+                // would not apply the next time either.
+                self.poll.full_next |= delta;
                 self.failed();
             }
         }

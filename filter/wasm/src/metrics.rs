@@ -14,6 +14,10 @@ pub struct Metrics {
     pub snapshot_tokens: u32,
     /// How long compiling the last applied snapshot took, in ms.
     pub snapshot_apply_ms: u32,
+    /// Snapshots applied as deltas, and the bytes of every snapshot and
+    /// delta body this VM took (what a token change costs it).
+    pub snapshot_deltas: u32,
+    pub snapshot_bytes: u32,
     /// This VM's linear memory, in bytes.
     pub vm_memory_bytes: u32,
     pub requests_allowed: u32,
@@ -48,6 +52,8 @@ impl Metrics {
             snapshot_age_seconds: g("mcp_snapshot_age_seconds"),
             snapshot_tokens: g("mcp_snapshot_tokens"),
             snapshot_apply_ms: g("mcp_snapshot_apply_ms"),
+            snapshot_deltas: c("mcp_snapshot_deltas"),
+            snapshot_bytes: c("mcp_snapshot_bytes"),
             vm_memory_bytes: g("mcp_vm_memory_bytes"),
             requests_allowed: c("mcp_requests_allowed"),
             requests_denied: c("mcp_requests_denied"),

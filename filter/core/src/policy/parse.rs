@@ -8,7 +8,7 @@
 //! whole snapshot with a message that names where, never what (a value could
 //! be a credential).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::io::Read;
 
@@ -34,12 +34,149 @@ pub fn from_slice(body: &[u8]) -> Result<Policy, SnapshotError> {
 /// `tokens` array are walked by [`ValueCursor`], each member and each token
 /// decoded on its own, straight into the policy's tables.
 pub fn from_reader<R: Read>(body: R) -> Result<Policy, SnapshotError> {
+    let p = parse_body(body)?;
+    if p.delta.is_some() {
+        return Err(SnapshotError("a delta (it has a base) where a full snapshot was expected".into()));
+    }
+    let mut b = p.builder;
+    let index = TokenIndex::build(&b.grants).map_err(|dup| SnapshotError(format!("tokens[{}]: token_hash appears twice", dup.0)))?;
+    b.grants.shrink_to_fit();
+    b.scopes.shrink_to_fit();
+    Ok(Policy {
+        version: p.version,
+        generated_at: p.generated_at,
+        limits: p.limits,
+        grants: b.grants,
+        index,
+        scopes: b.scopes,
+        users: b.users,
+        projects: b.projects,
+        project_ix: b.project_ix,
+    })
+}
+
+/// Applies a [`SnapshotDelta`](crate::snapshot::SnapshotDelta) body to
+/// `old`, which must be its `base`: the tokens `old` holds that the delta
+/// neither removes nor replaces are copied (with their users' credentials),
+/// then the delta's tokens are added. `old` stays as it is; anything that
+/// does not add up refuses the delta, and the VM asks for the full snapshot.
+pub fn apply_delta<R: Read>(old: &Policy, body: R) -> Result<Policy, SnapshotError> {
+    let p = parse_body(body)?;
+    let Some(delta) = p.delta else {
+        return Err(SnapshotError("not a delta: base is missing".into()));
+    };
+    if delta.base != old.version {
+        return Err(SnapshotError(format!("a delta from version {} to a policy of version {}", delta.base, old.version)));
+    }
+    let d = p.builder;
+    // Every id the delta replaces or removes; none of its tokens twice.
+    let mut touched: HashSet<[u8; token::TOKEN_ID_LEN]> = HashSet::with_capacity(d.grants.len() + delta.removed.len());
+    for g in &d.grants {
+        if !touched.insert(g.token_id) {
+            return Err(SnapshotError("a delta names a token twice".into()));
+        }
+    }
+    touched.extend(delta.removed.iter().copied());
+    let mut f = Builder {
+        grants: Vec::with_capacity(old.grants.len() + d.grants.len()),
+        scopes: Vec::with_capacity(old.scopes.len() + d.scopes.len()),
+        projects: old.projects.clone(),
+        project_ix: old.project_ix.clone(),
+        ..Builder::default()
+    };
+    // The grants that stay, their users adopted once each.
+    let mut users: Vec<Option<UserIx>> = vec![None; old.users.len()];
+    for g in old.grants.iter().filter(|g| !touched.contains(&g.token_id)) {
+        let slot = users.get_mut(g.user as usize).ok_or_else(|| SnapshotError("a grant without its user".into()))?;
+        let user = match *slot {
+            Some(ix) => ix,
+            None => {
+                let u = old.users.get(g.user as usize).ok_or_else(|| SnapshotError("a grant without its user".into()))?;
+                let ix = f.adopt_user(u.clone());
+                *slot = Some(ix);
+                ix
+            }
+        };
+        let start = u32::try_from(f.scopes.len()).map_err(|_| SnapshotError("too many projects".into()))?;
+        f.scopes.extend_from_slice(old.scope(g));
+        f.grants.push(Grant { user, scope_start: start, ..g.clone() });
+    }
+    // The delta's grants, its users and projects interned into the result.
+    let projects: Vec<u32> = d.projects.iter().map(|p| f.intern_project(p)).collect();
+    let mut delta_users: Vec<Option<UserIx>> = vec![None; d.users.len()];
+    for (ix, u) in d.users.iter().enumerate() {
+        if d.listed.get(ix).copied().unwrap_or(false) {
+            let at = f.intern_user(&u.id);
+            if let Some(user) = f.users.get_mut(at as usize) {
+                user.read_credential.clone_from(&u.read_credential);
+                user.write_credential.clone_from(&u.write_credential);
+            }
+            if let Some(slot) = delta_users.get_mut(ix) {
+                *slot = Some(at);
+            }
+        }
+    }
+    for g in &d.grants {
+        let user = delta_users
+            .get(g.user as usize)
+            .copied()
+            .flatten()
+            .ok_or_else(|| SnapshotError("a delta token whose user the delta does not describe".into()))?;
+        let start = f.scopes.len();
+        for (project, expiry) in d.scope(g) {
+            let project = *projects.get(*project as usize).ok_or_else(|| SnapshotError("a scope without its project".into()))?;
+            f.scopes.push((project, *expiry));
+        }
+        f.scopes.get_mut(start..).unwrap_or_default().sort_unstable();
+        let start = u32::try_from(start).map_err(|_| SnapshotError("too many projects".into()))?;
+        f.grants.push(Grant { user, scope_start: start, ..g.clone() });
+    }
+    // Users the delta describes but no token uses are not kept (as a full
+    // snapshot lists only users with a live token, nothing refers to them).
+    if f.grants.len() != delta.total {
+        return Err(SnapshotError(format!("the delta gives {} tokens, not the {} it announces", f.grants.len(), delta.total)));
+    }
+    let index = TokenIndex::build(&f.grants).map_err(|_| SnapshotError("a delta token's token_hash is held by another token".into()))?;
+    f.compact_users();
+    Ok(Policy {
+        version: p.version,
+        generated_at: p.generated_at,
+        limits: p.limits,
+        grants: f.grants,
+        index,
+        scopes: f.scopes,
+        users: f.users,
+        projects: f.projects,
+        project_ix: f.project_ix,
+    })
+}
+
+/// What makes a body a delta.
+struct DeltaFields {
+    base: String,
+    total: usize,
+    removed: Vec<[u8; token::TOKEN_ID_LEN]>,
+}
+
+/// A body's members, full snapshot or delta.
+struct Parsed {
+    version: String,
+    generated_at: i64,
+    limits: Limits,
+    builder: Builder,
+    delta: Option<DeltaFields>,
+}
+
+fn parse_body<R: Read>(body: R) -> Result<Parsed, SnapshotError> {
     let mut c = ValueCursor::new(body);
     let mut b = Builder::default();
     let mut schema = None;
     let mut version: Option<String> = None;
     let mut generated_at: Option<i64> = None;
     let mut limits: Option<Limits> = None;
+    let mut base: Option<String> = None;
+    let mut total: Option<usize> = None;
+    let mut removed: Option<Vec<[u8; token::TOKEN_ID_LEN]>> = None;
     let (mut tokens, mut users) = (false, false);
     c.consume(b'{', "a snapshot object")?;
     let mut done = c.close_if(b'}')?;
@@ -51,6 +188,14 @@ pub fn from_reader<R: Read>(body: R) -> Result<Policy, SnapshotError> {
             Key::Version if version.is_none() => version = Some(decode(c.value()?, "version")?),
             Key::GeneratedAt if generated_at.is_none() => generated_at = Some(decode(c.value()?, "generated_at")?),
             Key::Limits if limits.is_none() => limits = Some(decode(c.value()?, "limits")?),
+            Key::Base if base.is_none() => base = Some(decode(c.value()?, "base")?),
+            Key::Total if total.is_none() => total = Some(decode(c.value()?, "total")?),
+            Key::Removed if removed.is_none() => {
+                let ids: Vec<String> = decode(c.value()?, "removed")?;
+                let parsed: Option<Vec<[u8; token::TOKEN_ID_LEN]>> =
+                    ids.iter().map(|id| if token::is_token_id(id) { id.as_bytes().try_into().ok() } else { None }).collect();
+                removed = Some(parsed.ok_or_else(|| SnapshotError("removed: a token_id is not 16 lowercase hex".into()))?);
+            }
             Key::TokenCount => {
                 let hint = decode::<u64>(c.value()?, "token_count")?.min(MAX_RESERVE) as usize;
                 b.grants.reserve_exact(hint.saturating_sub(b.grants.len()));
@@ -76,6 +221,9 @@ pub fn from_reader<R: Read>(body: R) -> Result<Policy, SnapshotError> {
             Key::Version => return Err(duplicate("version")),
             Key::GeneratedAt => return Err(duplicate("generated_at")),
             Key::Limits => return Err(duplicate("limits")),
+            Key::Base => return Err(duplicate("base")),
+            Key::Total => return Err(duplicate("total")),
+            Key::Removed => return Err(duplicate("removed")),
             Key::Tokens => return Err(duplicate("tokens")),
             Key::Users => return Err(duplicate("users")),
         }
@@ -97,20 +245,14 @@ pub fn from_reader<R: Read>(body: R) -> Result<Policy, SnapshotError> {
         return Err(missing("users"));
     }
     check(&version, &limits).map_err(SnapshotError)?;
-    let index = TokenIndex::build(&b.grants).map_err(|dup| SnapshotError(format!("tokens[{}]: token_hash appears twice", dup.0)))?;
-    b.grants.shrink_to_fit();
-    b.scopes.shrink_to_fit();
-    Ok(Policy {
-        version,
-        generated_at,
-        limits,
-        grants: b.grants,
-        index,
-        scopes: b.scopes,
-        users: b.users,
-        projects: b.projects,
-        project_ix: b.project_ix,
-    })
+    let delta = match (base, total, removed) {
+        (None, None, None) => None,
+        (Some(base), Some(total), Some(removed)) => Some(DeltaFields { base, total, removed }),
+        (None, ..) => return Err(missing("base")),
+        (_, None, _) => return Err(missing("total")),
+        (_, _, None) => return Err(missing("removed")),
+    };
+    Ok(Parsed { version, generated_at, limits, builder: b, delta })
 }
 
 fn duplicate(field: &str) -> SnapshotError {
@@ -147,11 +289,56 @@ struct Builder {
     scopes: Vec<(u32, i64)>,
     users: Vec<User>,
     user_ix: HashMap<Box<str>, UserIx>,
+    /// Per user: named in `users` (credentials given), not only by a token.
+    listed: Vec<bool>,
     projects: Vec<Box<str>>,
     project_ix: HashMap<Box<str>, u32>,
 }
 
 impl Builder {
+    /// Takes a user of another policy, credentials and all.
+    fn adopt_user(&mut self, user: User) -> UserIx {
+        let ix = self.users.len() as UserIx;
+        self.user_ix.insert(user.id.clone(), ix);
+        self.users.push(user);
+        ix
+    }
+
+    /// The scope slice of a grant in these tables.
+    fn scope(&self, grant: &Grant) -> &[(u32, i64)] {
+        let start = grant.scope_start as usize;
+        self.scopes.get(start..start + grant.scope_len()).unwrap_or_default()
+    }
+
+    /// Drops users no grant refers to (a delta's users that lost their last
+    /// token) and renumbers the grants' users.
+    fn compact_users(&mut self) {
+        let mut used = vec![false; self.users.len()];
+        for g in &self.grants {
+            if let Some(u) = used.get_mut(g.user as usize) {
+                *u = true;
+            }
+        }
+        if used.iter().all(|u| *u) {
+            return;
+        }
+        let mut renumber = vec![0 as UserIx; self.users.len()];
+        let mut kept = Vec::with_capacity(self.users.len());
+        for (ix, user) in std::mem::take(&mut self.users).into_iter().enumerate() {
+            if used.get(ix).copied().unwrap_or(false) {
+                if let Some(r) = renumber.get_mut(ix) {
+                    *r = kept.len() as UserIx;
+                }
+                kept.push(user);
+            }
+        }
+        self.users = kept;
+        for g in &mut self.grants {
+            g.user = renumber.get(g.user as usize).copied().unwrap_or(g.user);
+        }
+        self.user_ix.clear();
+    }
+
     fn intern_user(&mut self, id: &str) -> UserIx {
         if let Some(ix) = self.user_ix.get(id) {
             return *ix;
@@ -183,6 +370,9 @@ enum Key {
     TokenCount,
     Tokens,
     Users,
+    Base,
+    Total,
+    Removed,
     #[serde(other)]
     Other,
 }
@@ -443,6 +633,12 @@ impl<'de> Visitor<'de> for UsersSeed<'_> {
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
         while let Some(ix) = map.next_key_seed(user_id(&mut *self.0))? {
             let creds: SnapshotUser = map.next_value()?;
+            if self.0.listed.len() <= ix as usize {
+                self.0.listed.resize(ix as usize + 1, false);
+            }
+            if let Some(listed) = self.0.listed.get_mut(ix as usize) {
+                *listed = true;
+            }
             if let Some(user) = self.0.users.get_mut(ix as usize) {
                 user.read_credential = creds.read_credential.map(Into::into);
                 user.write_credential = creds.write_credential.map(Into::into);

@@ -8,7 +8,7 @@ use serde_json::json;
 use super::*;
 #[cfg(all(target_family = "wasm", target_os = "unknown"))]
 use wasm_bindgen_test::wasm_bindgen_test as test;
-use crate::snapshot::{SnapshotToken, SnapshotUser, SCHEMA};
+use crate::snapshot::{SnapshotDelta, SnapshotToken, SnapshotUser, SCHEMA};
 
 type Outcome = Result<(), Box<dyn std::error::Error>>;
 
@@ -183,4 +183,168 @@ fn hundred_thousand_tokens_fit_the_budget_and_all_resolve() -> Outcome {
 #[test]
 fn a_grant_is_one_cache_line() {
     assert_eq!(std::mem::size_of::<Grant>(), 64);
+}
+
+/// The delta from `a` to `b`, as the control plane computes it: tokens
+/// that differ or are new, ids that went, and the users of the new tokens
+/// plus every user whose credentials changed.
+fn delta_between(a: &Snapshot, b: &Snapshot) -> SnapshotDelta {
+    let old: BTreeMap<&str, &SnapshotToken> = a.tokens.iter().map(|t| (t.token_id.as_str(), t)).collect();
+    let new: BTreeMap<&str, &SnapshotToken> = b.tokens.iter().map(|t| (t.token_id.as_str(), t)).collect();
+    let tokens: Vec<SnapshotToken> = b.tokens.iter().filter(|t| old.get(t.token_id.as_str()) != Some(t)).cloned().collect();
+    let removed = a.tokens.iter().filter(|t| !new.contains_key(t.token_id.as_str())).map(|t| t.token_id.clone()).collect();
+    let users = b
+        .users
+        .iter()
+        .filter(|(id, u)| a.users.get(*id) != Some(*u) || tokens.iter().any(|t| &t.user_id == *id))
+        .map(|(id, u)| (id.clone(), u.clone()))
+        .collect();
+    SnapshotDelta {
+        schema: SCHEMA,
+        version: b.version.clone(),
+        base: a.version.clone(),
+        generated_at: b.generated_at,
+        limits: b.limits.clone(),
+        total: b.tokens.len(),
+        tokens,
+        removed,
+        users,
+    }
+}
+
+fn token_of(id: u8, user: u8, projects: &[(u8, Option<i64>)], trigger: bool) -> SnapshotToken {
+    SnapshotToken {
+        token_id: format!("{id:016x}"),
+        token_hash: token::hash_hex(&format!("t{id}")),
+        user_id: format!("u{user}"),
+        expires_at: 2_000_000_000,
+        allow_trigger: trigger,
+        projects: projects.iter().map(|(p, e)| (format!("p{p}"), *e)).collect(),
+    }
+}
+
+/// A snapshot of `tokens`, every user of them with credentials `creds[user]`.
+fn snapshot_of(version: &str, tokens: Vec<SnapshotToken>, creds: &[Option<&str>]) -> Snapshot {
+    let mut tokens = tokens;
+    tokens.sort_by(|a, b| a.token_id.cmp(&b.token_id));
+    tokens.dedup_by(|a, b| a.token_id == b.token_id);
+    let users = tokens
+        .iter()
+        .map(|t| {
+            let n: usize = t.user_id.trim_start_matches('u').parse().unwrap_or(0);
+            let cred = creds.get(n).copied().flatten().map(str::to_owned);
+            (t.user_id.clone(), SnapshotUser { read_credential: cred.clone(), write_credential: cred.map(|c| c + "-w") })
+        })
+        .collect();
+    Snapshot { schema: SCHEMA, version: version.into(), generated_at: 7, limits: Limits::default(), tokens, users }
+}
+
+fn applied(base: &Snapshot, delta: &SnapshotDelta, step: usize) -> Result<Policy, Box<dyn std::error::Error>> {
+    let body = serde_json::to_vec(delta)?;
+    Ok(Policy::compile(base)?.apply_delta(Trickle { body: &body, step })?)
+}
+
+#[test]
+fn a_delta_gives_exactly_the_full_snapshot_it_leads_to() -> Outcome {
+    let a = snapshot_of(
+        "va",
+        vec![token_of(1, 1, &[(1, None), (2, Some(900))], true), token_of(2, 1, &[(1, None)], false), token_of(3, 2, &[(3, None)], false)],
+        &[None, Some("c1"), Some("c2")],
+    );
+    // Token 1 loses a project, 2 is revoked, 4 is new (new user, new
+    // project), user 2's credentials rotate; 3 is untouched.
+    let b = snapshot_of(
+        "vb",
+        vec![token_of(1, 1, &[(1, None)], true), token_of(3, 2, &[(3, None)], false), token_of(4, 3, &[(4, Some(800)), (1, None)], false)],
+        &[None, Some("c1"), Some("c2-rotated"), Some("c3")],
+    );
+    let delta = delta_between(&a, &b);
+    assert_eq!(delta.tokens.len(), 2);
+    assert_eq!(delta.removed, vec![format!("{:016x}", 2)]);
+    for step in [1, 5, 1 << 16] {
+        let p = applied(&a, &delta, step)?;
+        assert_eq!(p.to_snapshot(), Policy::compile(&b)?.to_snapshot());
+        assert_eq!(p.version, "vb");
+        let (_, g) = p.grant_by_hash(&token::hash("t4")).ok_or("new token not found")?;
+        assert_eq!(p.project_expiry(g, "p4"), Some(800));
+        assert_eq!(p.user(g.user).and_then(|u| u.read_credential.as_deref()), Some("c3"));
+        assert!(p.grant_by_hash(&token::hash("t2")).is_none(), "a revoked token stays");
+    }
+    // The user whose only token went is gone too.
+    let c = snapshot_of("vc", vec![token_of(3, 2, &[(3, None)], false)], &[None, None, Some("c2")]);
+    let p = applied(&b, &delta_between(&b, &c), 3)?;
+    assert_eq!(p.to_snapshot(), Policy::compile(&c)?.to_snapshot());
+    assert_eq!(p.users.len(), 1);
+    Ok(())
+}
+
+fn delta_refusal(base: &Snapshot, delta: serde_json::Value) -> Result<String, Box<dyn std::error::Error>> {
+    let policy = Policy::compile(base)?;
+    match policy.apply_delta(serde_json::to_vec(&delta)?.as_slice()) {
+        Ok(_) => Err("accepted".into()),
+        Err(e) => Ok(e.0),
+    }
+}
+
+#[test]
+fn a_delta_that_does_not_add_up_is_refused_and_the_base_stays() -> Outcome {
+    let a = snapshot_of("va", vec![token_of(1, 1, &[(1, None)], false), token_of(2, 2, &[(1, None)], false)], &[None, Some("SECRET-1"), Some("c2")]);
+    let b = snapshot_of("vb", vec![token_of(1, 1, &[(1, None)], false), token_of(3, 2, &[(2, None)], false)], &[None, Some("SECRET-1"), Some("c2")]);
+    let good = serde_json::to_value(delta_between(&a, &b))?;
+    assert!(applied(&a, &delta_between(&a, &b), 64).is_ok());
+    let with = |k: &str, v: serde_json::Value| {
+        let mut d = good.clone();
+        d[k] = v;
+        d
+    };
+    assert!(delta_refusal(&a, with("base", json!("another")))?.contains("from version another"));
+    assert!(delta_refusal(&a, with("total", json!(3)))?.contains("not the 3"));
+    assert!(delta_refusal(&a, with("users", json!({})))?.contains("does not describe"));
+    let t3 = good["tokens"][0].clone();
+    assert!(delta_refusal(&a, with("tokens", json!([t3, t3])))?.contains("twice"));
+    // A new token with the hash of one that stays.
+    let mut clash = t3.clone();
+    clash[1] = json!(token::hash_hex("t1"));
+    assert!(delta_refusal(&a, with("tokens", json!([clash])))?.contains("token_hash"));
+    assert!(delta_refusal(&a, with("removed", json!(["SECRET-XYZ"])))?.contains("removed"));
+    let mut no_total = good.clone();
+    if let Some(m) = no_total.as_object_mut() {
+        m.remove("total");
+    }
+    assert!(delta_refusal(&a, no_total)?.contains("total is missing"));
+    // A full snapshot is not a delta, and a delta is not a full snapshot.
+    assert!(delta_refusal(&a, serde_json::to_value(&b)?)?.contains("base is missing"));
+    assert!(Policy::from_json(&serde_json::to_vec(&good)?).is_err());
+    for msg in [delta_refusal(&a, with("total", json!(9)))?, delta_refusal(&a, with("users", json!({"u2": "SECRET-1"})))?] {
+        assert!(!msg.contains("SECRET"), "{msg}");
+    }
+    Ok(())
+}
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig { cases: 300, ..proptest::prelude::ProptestConfig::default() })]
+
+    /// Any two snapshots over a small universe of ids, users and projects:
+    /// the delta applied to the first equals the second, read in any chunks.
+    #[test]
+    fn any_delta_equals_the_full_build(
+        a in proptest::collection::vec((0u8..12, 0u8..4, proptest::collection::vec((0u8..5, proptest::option::of(100i64..200)), 0..4), proptest::bool::ANY), 0..10),
+        b in proptest::collection::vec((0u8..12, 0u8..4, proptest::collection::vec((0u8..5, proptest::option::of(100i64..200)), 0..4), proptest::bool::ANY), 0..10),
+        creds_a in proptest::collection::vec(proptest::option::of(proptest::sample::select(vec!["x", "y"])), 4),
+        creds_b in proptest::collection::vec(proptest::option::of(proptest::sample::select(vec!["x", "y"])), 4),
+        step in 1usize..40,
+    ) {
+        let build = |v: &str, ts: &[(u8, u8, Vec<(u8, Option<i64>)>, bool)], creds: &[Option<&str>]| {
+            snapshot_of(v, ts.iter().map(|(id, u, ps, tr)| token_of(*id, *u, ps, *tr)).collect(), creds)
+        };
+        let a = build("va", &a, &creds_a);
+        let b = build("vb", &b, &creds_b);
+        let p = applied(&a, &delta_between(&a, &b), step).map_err(|e| proptest::test_runner::TestCaseError::fail(e.to_string()))?;
+        let full = Policy::compile(&b).map_err(|e| proptest::test_runner::TestCaseError::fail(e.to_string()))?;
+        proptest::prop_assert_eq!(p.to_snapshot(), full.to_snapshot());
+        for t in &b.tokens {
+            let found = p.grant_by_hash(&token::parse_hash_hex(&t.token_hash).unwrap_or_default()).map(|(_, g)| g.token_id().to_owned());
+            proptest::prop_assert_eq!(found.as_deref(), Some(t.token_id.as_str()));
+        }
+    }
 }
