@@ -926,6 +926,11 @@ impl Report {
             if d.wasm_failures > 0 {
                 bad(format!("{} wasm failures", d.wasm_failures));
             }
+            // A VM without a policy yet (a hot restart's new epoch) waits for
+            // its first snapshot; the control plane answers in milliseconds.
+            if let Some(n) = d.reasons.get("policy_unavailable").filter(|n| **n > 0) {
+                bad(format!("{n} answers 503 policy_unavailable"));
+            }
             if d.created_known_ms > 1000 || d.revoked_known_ms > 1000 {
                 bad(format!("tokens known {} / {} ms after recovery (budget 1000)", d.created_known_ms, d.revoked_known_ms));
             }

@@ -212,6 +212,32 @@ async fn revocation_reaches_the_edge_within_two_seconds() {
     assert!(delays[4] < Duration::from_secs(2));
 }
 
+/// `tokens` live tokens of `users` new users, in two statements (one
+/// notification burst); `tag` keeps ids, names and hashes apart per test.
+async fn insert_bulk_tokens(s: &Stack, tag: &str, users: i32, tokens: i32) {
+    sqlx::query(
+        r#"INSERT INTO "user" (id, username, email)
+           SELECT md5($1 || 'user' || u)::uuid, $1 || '-' || u, $1 || '-' || u || '@example.test' FROM generate_series(0, $2 - 1) u"#,
+    )
+    .bind(tag)
+    .bind(users)
+    .execute(&s.db)
+    .await
+    .unwrap();
+    sqlx::query(
+        "INSERT INTO mcp_token (token_id, token_hash, user_id, name, enabled_projects, expires_at)
+         SELECT lpad(to_hex(g), 16, '0'), encode(sha256(convert_to($1 || g, 'UTF8')), 'hex'),
+                md5($1 || 'user' || (g % $2))::uuid, 'bulk', '{}'::jsonb, (now() AT TIME ZONE 'utc') + interval '30 days'
+         FROM generate_series(1, $3) g",
+    )
+    .bind(tag)
+    .bind(users)
+    .bind(tokens)
+    .execute(&s.db)
+    .await
+    .unwrap();
+}
+
 /// The snapshot the control plane serves now: (version, token count).
 async fn served_snapshot(s: &Stack) -> (String, u64) {
     let r = RawRequest::get("/v1/snapshot")
@@ -240,22 +266,7 @@ async fn a_revocation_patches_the_snapshot_to_what_a_full_rebuild_gives() {
     let path = format!("/api/v1/mcp/projects/{}", projects[0]);
     // 300 tokens of 30 other users in one statement: more than a patch
     // takes, so a rebuild.
-    sqlx::query(
-        r#"INSERT INTO "user" (id, username, email)
-           SELECT md5('bulkuser' || u)::uuid, 'bulk-' || u, 'bulk-' || u || '@example.test' FROM generate_series(0, 29) u"#,
-    )
-    .execute(&s.db)
-    .await
-    .unwrap();
-    sqlx::query(
-        "INSERT INTO mcp_token (token_id, token_hash, user_id, name, enabled_projects, expires_at)
-         SELECT lpad(to_hex(g), 16, '0'), encode(sha256(convert_to('bulk' || g, 'UTF8')), 'hex'),
-                md5('bulkuser' || (g % 30))::uuid, 'bulk', '{}'::jsonb, (now() AT TIME ZONE 'utc') + interval '30 days'
-         FROM generate_series(1, 300) g",
-    )
-    .execute(&s.db)
-    .await
-    .unwrap();
+    insert_bulk_tokens(&s, "bulk", 30, 300).await;
     let (id, token) = s.create_token(user, json!({}), 30).await.unwrap();
     s.wait_until_status(&token, &path, 200).await;
     let (before, count) = served_snapshot(&s).await;
@@ -379,8 +390,16 @@ async fn a_policy_older_than_its_maximum_age_fails_mcp_closed() {
 async fn without_any_snapshot_mcp_paths_get_503_and_other_traffic_flows() {
     let s = Stack::start(StackOptions { control_plane: false, ..Default::default() }).await.unwrap();
     let token = format!("ib_mcp_{}", "ab".repeat(24));
+    // It waits for the first snapshot, then gives up.
+    let asked = Instant::now();
     let r = s.mcp_get(&token, "/api/v1/mcp/projects").await.unwrap();
     assert_error(&r, 503, "policy_unavailable");
+    let waited = asked.elapsed();
+    let most = Duration::from_millis(mcp_filter_core::exchange::FIRST_POLICY_WAIT_MS as u64);
+    assert!(waited >= most - Duration::from_millis(100) && waited < most * 2, "answered after {waited:?}");
+    // Once per request: the next one waits again, and so does a tool call.
+    let r = s.send(RawRequest::post("/api/v1/mcp").header("Authorization", &format!("Bearer {token}")).header("Content-Type", "application/json").body(b"{}".to_vec())).await.unwrap();
+    assert_eq!(r.status, 503, "{}", r.text());
     s.infrabox.clear();
     let r = s.send(RawRequest::get("/api/v1/settings").header("Authorization", "Bearer eyJx")).await.unwrap();
     assert_eq!(r.status, 200, "{}", r.text());
@@ -539,6 +558,11 @@ enum Serve {
     OtherKey,
     /// Another snapshot's signature.
     Replayed,
+    /// The first genuine snapshot again, with its own signature: genuine,
+    /// but older than what the VM holds (a rollback).
+    Rollback,
+    /// Nothing until the mode changes (a VM's first snapshot in coming).
+    Hold,
 }
 
 /// A stand-in for the control plane's internal listener between Envoy and
@@ -551,6 +575,7 @@ async fn snapshot_stand_in(s: &Stack, mode: std::sync::Arc<std::sync::Mutex<Serv
     let (real, secret) = (s.control_plane.internal_addr(), s.snapshot_secret.clone());
     tokio::spawn(async move {
         let mut first_signature: Option<String> = None;
+        let mut first_full: Option<(Vec<u8>, String)> = None;
         while let Ok((mut conn, _)) = listener.accept().await {
             let mut head = Vec::new();
             let mut buf = [0u8; 4096];
@@ -575,6 +600,12 @@ async fn snapshot_stand_in(s: &Stack, mode: std::sync::Arc<std::sync::Mutex<Serv
             let base = r.header(mcp_filter_core::snapshot::DELTA_BASE_HEADER).map(str::to_owned);
             if r.status == 200 {
                 first_signature.get_or_insert(signature.clone());
+                if base.is_none() {
+                    first_full.get_or_insert((r.body.clone(), signature.clone()));
+                }
+            }
+            while *mode.lock().unwrap() == Serve::Hold {
+                tokio::time::sleep(Duration::from_millis(10)).await;
             }
             let m = *mode.lock().unwrap();
             let reply = if r.status == 304 {
@@ -582,8 +613,13 @@ async fn snapshot_stand_in(s: &Stack, mode: std::sync::Arc<std::sync::Mutex<Serv
                 format!("HTTP/1.1 304 Not Modified\r\netag: \"{version}\"\r\ncontent-length: 0\r\n\r\n").into_bytes()
             } else {
                 let mut body = r.body.clone();
+                let mut base = base.clone();
+                if let (Serve::Rollback, Some((old, _))) = (m, &first_full) {
+                    body = old.clone();
+                    base = None;
+                }
                 let signature = match m {
-                    Serve::Genuine => Some(signature),
+                    Serve::Genuine | Serve::Hold => Some(signature),
                     Serve::Unsigned => None,
                     Serve::Altered => {
                         // A digit of generated_at: still a valid snapshot.
@@ -593,6 +629,7 @@ async fn snapshot_stand_in(s: &Stack, mode: std::sync::Arc<std::sync::Mutex<Serv
                     }
                     Serve::OtherKey => Some(mcp_filter_core::signature::sign(&mcp_filter_core::signature::signing_key("some-other-secret-0123"), &body)),
                     Serve::Replayed => first_signature.clone(),
+                    Serve::Rollback => first_full.as_ref().map(|(_, sig)| sig.clone()),
                 };
                 let mut out = format!("HTTP/1.1 200 OK\r\ncontent-type: application/json\r\netag: \"{version}\"\r\ncontent-length: {}\r\n", body.len());
                 if let Some(sig) = signature {
@@ -639,7 +676,10 @@ async fn a_vm_refuses_a_snapshot_it_cannot_verify_and_keeps_the_last_good_one() 
         async move { RawRequest::get(&path).header("Authorization", &format!("Bearer {token}")).send(addr, Duration::from_secs(5)).await.unwrap().status }
     };
     assert_eq!(status(first.clone()).await, 200, "the genuine, signed snapshot was applied");
-    for spoiled in [Serve::Unsigned, Serve::Altered, Serve::OtherKey, Serve::Replayed] {
+    // Tokens of earlier rounds: not in the first snapshot, so a rollback to
+    // it would refuse them.
+    let mut earlier: Vec<String> = Vec::new();
+    for spoiled in [Serve::Unsigned, Serve::Altered, Serve::OtherKey, Serve::Replayed, Serve::Rollback] {
         // A change on the control plane, served spoiled: refused, counted,
         // and the VM keeps what it had (the new token is unknown there).
         let (_, newer) = s.create_token(user, json!({}), 30).await.unwrap();
@@ -651,6 +691,9 @@ async fn a_vm_refuses_a_snapshot_it_cannot_verify_and_keeps_the_last_good_one() 
         envoy.wait_stat("wasmcustom.mcp_snapshot_rejected", rejected + 4, Duration::from_secs(10)).unwrap();
         assert_eq!(status(newer.clone()).await, 401, "{spoiled:?}: the VM must not take that snapshot");
         assert_eq!(status(first.clone()).await, 200, "{spoiled:?}: the last good snapshot stays in force");
+        for t in &earlier {
+            assert_eq!(status(t.clone()).await, 200, "{spoiled:?}: a token of an earlier round was lost");
+        }
         // Genuine again: taken at once.
         *mode.lock().unwrap() = Serve::Genuine;
         let start = Instant::now();
@@ -658,11 +701,68 @@ async fn a_vm_refuses_a_snapshot_it_cannot_verify_and_keeps_the_last_good_one() 
             assert!(start.elapsed() < Duration::from_secs(5), "{spoiled:?}: the genuine snapshot was not taken again");
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+        earlier.push(newer);
     }
     let log = envoy.log_contents();
     assert!(log.matches("rejected snapshot").count() >= 4, "the refusals are logged:\n{log}");
+    assert!(log.contains("a replayed snapshot or a control plane behind"), "the rollback is refused as such:\n{log}");
     // Each change was first offered as a delta, spoiled the same way.
     assert!(log.matches("rejected delta").count() >= 4, "spoiled deltas are refused too:\n{log}");
+}
+
+/// A VM that has no snapshot yet (a new Envoy, a new epoch after a hot
+/// restart) holds MCP requests until its first one arrives instead of
+/// answering 503: a REST read and a tool call sent before it, and both
+/// are decided with it (rate limit, audit, upstream) once it is there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_before_the_first_snapshot_wait_for_it() {
+    let s = stack().await;
+    let (user, projects) = s.user_with_projects("early", 1).await.unwrap();
+    let path = format!("/api/v1/mcp/projects/{}", projects[0]);
+    let (_, token) = s.create_token(user, json!({}), 30).await.unwrap();
+    s.wait_until_status(&token, &path, 200).await;
+    let mode = std::sync::Arc::new(std::sync::Mutex::new(Serve::Hold));
+    let mut opts = s.envoy_options.clone();
+    opts.cp_internal_port = snapshot_stand_in(&s, mode.clone()).await;
+    opts.node_id = format!("{}-early", opts.node_id);
+    let envoy = Envoy::start(&opts).unwrap();
+    // The first snapshot is held back until the requests have waited a while.
+    let release = {
+        let mode = mode.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(600)).await;
+            *mode.lock().unwrap() = Serve::Genuine;
+            Instant::now()
+        })
+    };
+    let rest = RawRequest::get(&path).header("Authorization", &format!("Bearer {token}"));
+    let call = json!({"jsonrpc": "2.0", "id": 3, "method": "tools/call",
+        "params": {"name": "get_project", "arguments": {"project_id": projects[0].to_string()},
+                   "_meta": {"io.modelcontextprotocol/protocolVersion": "2026-07-28", "io.modelcontextprotocol/clientCapabilities": {}}}});
+    let tool = RawRequest::post("/api/v1/mcp")
+        .header("Authorization", &format!("Bearer {token}"))
+        .header("Content-Type", "application/json")
+        .header("Accept", "application/json, text/event-stream")
+        .header("MCP-Protocol-Version", "2026-07-28")
+        .header("Mcp-Method", "tools/call")
+        .header("Mcp-Name", "get_project")
+        .body(serde_json::to_vec(&call).unwrap());
+    let sent = Instant::now();
+    let (rest, tool) = tokio::join!(rest.send(envoy.addr(), Duration::from_secs(10)), tool.send(envoy.addr(), Duration::from_secs(10)));
+    let answered = sent.elapsed();
+    let released = release.await.unwrap();
+    // Held until the snapshot came (not answered at once, not at the deadline).
+    assert!(answered >= Duration::from_millis(400), "answered after {answered:?}, before the snapshot came");
+    assert!(released.elapsed() < Duration::from_secs(1), "answered {:?} after the snapshot came", released.elapsed());
+    let (rest, tool) = (rest.unwrap(), tool.unwrap());
+    assert_eq!(rest.status, 200, "{}", rest.text());
+    assert_eq!(tool.status, 200, "{}", tool.text());
+    let result = tool.json().unwrap();
+    assert_eq!(result["result"]["isError"], false, "{result}");
+    assert!(envoy.stat("wasmcustom.mcp_snapshot_updates").unwrap_or(0) >= 1);
+    // Both were rate-limited by the service, not decided locally.
+    assert_eq!(envoy.stat("wasmcustom.mcp_ratelimit_allowed").unwrap_or(0), 2);
+    assert_eq!(envoy.stat("wasmcustom.mcp_ratelimit_degraded").unwrap_or(0), 0);
 }
 
 /// Token changes reach a VM as deltas a fraction of the snapshot's size,
@@ -674,22 +774,7 @@ async fn token_changes_travel_as_signed_deltas_that_end_at_the_full_snapshot() {
     let (user, projects) = s.user_with_projects("delta", 2).await.unwrap();
     let path = format!("/api/v1/mcp/projects/{}", projects[0]);
     // 200 tokens of 20 other users, so the full snapshot is tens of kilobytes.
-    sqlx::query(
-        r#"INSERT INTO "user" (id, username, email)
-           SELECT md5('deltauser' || u)::uuid, 'delta-' || u, 'delta-' || u || '@example.test' FROM generate_series(0, 19) u"#,
-    )
-    .execute(&s.db)
-    .await
-    .unwrap();
-    sqlx::query(
-        "INSERT INTO mcp_token (token_id, token_hash, user_id, name, enabled_projects, expires_at)
-         SELECT lpad(to_hex(g + 4096), 16, '0'), encode(sha256(convert_to('deltabulk' || g, 'UTF8')), 'hex'),
-                md5('deltauser' || (g % 20))::uuid, 'bulk', '{}'::jsonb, (now() AT TIME ZONE 'utc') + interval '30 days'
-         FROM generate_series(1, 200) g",
-    )
-    .execute(&s.db)
-    .await
-    .unwrap();
+    insert_bulk_tokens(&s, "delta", 20, 200).await;
     let (first_id, first) = s.create_token(user, json!({}), 30).await.unwrap();
     s.wait_until_status(&first, &path, 200).await;
     let full_bytes = RawRequest::get("/v1/snapshot")

@@ -35,12 +35,19 @@ pub struct SignedDelta {
 #[derive(Debug, Default)]
 pub struct ChangeLog {
     steps: VecDeque<(String, Change)>,
+    /// A change was never published (its build could not be rendered): the
+    /// next step does not say all that changed since the version before.
+    gap: bool,
 }
 
 impl ChangeLog {
     /// A new version was published after `from` with `change`; `None` for
     /// either (the first build, or a change not known) starts the log over.
     pub fn record(&mut self, from: Option<&str>, change: Option<Change>) {
+        if std::mem::take(&mut self.gap) {
+            self.steps.clear();
+            return;
+        }
         match (from, change) {
             (Some(from), Some(change)) => {
                 self.steps.push_back((from.to_owned(), change));
@@ -52,8 +59,10 @@ impl ChangeLog {
         }
     }
 
-    pub fn clear(&mut self) {
+    /// A change was lost (not published): no delta may span it.
+    pub fn lose_change(&mut self) {
         self.steps.clear();
+        self.gap = true;
     }
 
     /// The delta from every version in the log to `model` (of `version`),
@@ -165,6 +174,13 @@ mod tests {
         let m = steps.last().unwrap();
         let (version, _) = m.render(&limits, 99).unwrap();
         assert!(log.deltas(m, &limits, &version, 99, &key).is_empty());
+        // A change lost before publishing: the next step cannot span it either.
+        log.record(Some("a"), Some(Change::default()));
+        log.lose_change();
+        log.record(Some("b"), Some(Change::default()));
+        assert!(log.deltas(m, &limits, &version, 99, &key).is_empty());
+        log.record(Some("c"), Some(Change::default()));
+        assert_eq!(log.deltas(m, &limits, &version, 99, &key).len(), 1);
     }
 
     #[test]

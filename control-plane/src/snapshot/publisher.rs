@@ -135,7 +135,7 @@ impl SnapshotPublisher {
             Ok(r) => r,
             Err(e) => {
                 // This change is then never published: no delta may skip it.
-                log.clear();
+                log.lose_change();
                 return Err(sqlx::Error::Protocol(format!("snapshot serialization: {e}")));
             }
         };

@@ -52,11 +52,10 @@ pub struct PluginConfig {
     /// snapshot, MCP requests fail closed (503 `policy_stale`): revocations
     /// cannot reach the edge while it is away.
     pub max_policy_age_seconds: u32,
-    /// Take only snapshots whose signature verifies
-    /// ([`crate::signature`]). Off by default for now: HMAC-SHA256 runs at
-    /// about 30 MB/s in Envoy's V8, half a second on a full snapshot of
-    /// 100 000 tokens (bench/results.md), which would put revocation at
-    /// that size over its budget until snapshots travel as deltas.
+    /// Take only snapshots and deltas whose signature verifies
+    /// ([`crate::signature`]; default true). HMAC-SHA256 runs at about
+    /// 30 MB/s in Envoy's V8: half a second on a full snapshot of 100 000
+    /// tokens (bench/results.md), nothing on the deltas that carry changes.
     pub require_snapshot_signature: bool,
     /// Ask for deltas from the version held (`?delta=1`): a token change
     /// then costs a VM kilobytes, not the whole snapshot (default true).
@@ -110,7 +109,7 @@ struct Raw {
     documentation_url: Option<String>,
     #[serde(default)]
     max_policy_age_seconds: Option<u32>,
-    #[serde(default)]
+    #[serde(default = "d_true")]
     require_snapshot_signature: bool,
     #[serde(default = "d_true")]
     snapshot_deltas: bool,

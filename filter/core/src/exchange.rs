@@ -77,6 +77,10 @@ pub enum Counter {
 pub enum Effect {
     /// A local reply; the request goes no further.
     Reply { status: u32, headers: Vec<(String, String)>, body: Vec<u8> },
+    /// Hold the request until the VM's first policy arrives, or until the
+    /// wait for it is over ([`FIRST_POLICY_WAIT_MS`]); then call
+    /// [`Exchange::on_policy`].
+    AwaitPolicy,
     /// Start the rate-limit callout (with the ownership claim, if any) and
     /// answer with [`Exchange::on_limit`] — at once with
     /// [`LimitAnswer::Failed`] if it cannot start.
@@ -96,6 +100,12 @@ pub enum Effect {
     /// Replace `len` bytes at `start` of the buffered response body.
     ReplaceResponseBody { start: usize, len: usize, bytes: Vec<u8> },
 }
+
+/// Longest a request that came before the VM's first policy waits for it
+/// before it is answered 503 `policy_unavailable` (a VM just started, e.g. a
+/// new epoch after Envoy's hot restart, gets its first snapshot in
+/// milliseconds while the control plane is up).
+pub const FIRST_POLICY_WAIT_MS: i64 = 2000;
 
 /// Whether the stream goes on or waits.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -221,9 +231,19 @@ struct ToolAnswer {
     dropped: u64,
 }
 
+/// A request that came before the VM's first policy: its head, and whether
+/// its body has ended (the host buffers it meanwhile).
+#[derive(Debug)]
+struct Early {
+    headers: Vec<(String, String)>,
+    end_of_stream: bool,
+    body_end: bool,
+}
+
 #[derive(Debug)]
 enum State {
     Start,
+    Early(Box<Early>),
     Reading(Box<Reading>),
     Limit(Box<Held>),
     Response { ratelimit: Vec<(&'static str, String)>, shape: Shape },
@@ -241,6 +261,8 @@ pub struct Exchange {
     /// last body event (trailers end a body without a size of their own).
     request_buffered: usize,
     response_buffered: usize,
+    /// It waited for the VM's first policy once already.
+    waited: bool,
 }
 
 impl Default for Exchange {
@@ -258,7 +280,33 @@ impl Exchange {
             state: State::Start,
             request_buffered: 0,
             response_buffered: 0,
+            waited: false,
         }
+    }
+
+    /// Waits for the VM's first policy instead of refusing for lack of one.
+    fn wait_for_policy(&mut self, headers: Vec<(String, String)>, end_of_stream: bool) -> Step {
+        self.state = State::Early(Box::new(Early { headers, end_of_stream, body_end: end_of_stream }));
+        Step { effects: vec![Effect::AwaitPolicy], flow: Flow::Pause }
+    }
+
+    /// The VM's first policy arrived, or the wait for it is over: the
+    /// request is decided as if it had just come (its body, if it ended
+    /// meanwhile, with it).
+    pub fn on_policy(&mut self, vm: &mut Vm<'_>, host: &dyn Host) -> Step {
+        let State::Early(early) = std::mem::replace(&mut self.state, State::Start) else {
+            return Step::go();
+        };
+        self.waited = true;
+        let Early { headers, end_of_stream, body_end } = *early;
+        let step = self.on_request_headers(headers, end_of_stream, vm, host);
+        if step.flow == Flow::Pause && body_end && !end_of_stream && matches!(self.state, State::Reading(_)) {
+            let mut effects = step.effects;
+            let rest = self.on_request_body(self.request_buffered, true, vm, host);
+            effects.extend(rest.effects);
+            return Step { effects, flow: rest.flow };
+        }
+        step
     }
 
     /// The request head arrived. `end_of_stream`: it has no body.
@@ -273,16 +321,26 @@ impl Exchange {
         let stale = vm.policy.is_some() && vm.policy_age_ms > i64::from(config.max_policy_age_seconds).saturating_mul(1000);
         let policy = if stale { None } else { vm.policy.clone() };
         let now = host.now_ms() / 1000;
+        // Before the VM's first policy, what would be refused for lack of
+        // one waits for it instead (once, and at most FIRST_POLICY_WAIT_MS).
+        let early = vm.policy.is_none() && !self.waited;
         if head.on_infrabox(&config) {
             let before_query = head.path.split_once('?').map_or(head.path, |(p, _)| p);
             if before_query == mcp::METADATA_PATH {
                 return self.metadata(&head, &config);
             }
             if before_query == mcp::ENDPOINT {
+                if early {
+                    return self.wait_for_policy(headers, end_of_stream);
+                }
                 return self.endpoint_head(&head, end_of_stream, policy, config, vm, host);
             }
         }
-        let admission = match pipeline::admit(&head, policy.as_deref(), &config, now) {
+        let admission = pipeline::admit(&head, policy.as_deref(), &config, now);
+        if early && matches!(&admission, Admission::Deny(d) if d.code == ErrorCode::PolicyUnavailable) {
+            return self.wait_for_policy(headers, end_of_stream);
+        }
+        let admission = match admission {
             Admission::Deny(d) if stale && d.code == ErrorCode::PolicyUnavailable => Admission::Deny(policy_stale(&config, vm.policy_age_ms)),
             other => other,
         };
@@ -605,6 +663,10 @@ impl Exchange {
     /// Request body bytes arrived (`size`: all buffered so far).
     pub fn on_request_body(&mut self, size: usize, end_of_stream: bool, vm: &mut Vm<'_>, host: &dyn Host) -> Step {
         self.request_buffered = size;
+        if let State::Early(early) = &mut self.state {
+            early.body_end |= end_of_stream;
+            return Step { effects: Vec::new(), flow: Flow::Pause };
+        }
         let reading = match &self.state {
             State::Reading(r) => r,
             // The head waits for its rate-limit answer: the body waits with
@@ -712,7 +774,7 @@ impl Exchange {
     /// forward the request undecided.
     pub fn on_request_trailers(&mut self, vm: &mut Vm<'_>, host: &dyn Host) -> Step {
         match self.state {
-            State::Reading(_) => self.on_request_body(self.request_buffered, true, vm, host),
+            State::Reading(_) | State::Early(_) => self.on_request_body(self.request_buffered, true, vm, host),
             State::Limit(_) => Step { effects: Vec::new(), flow: Flow::Pause },
             _ => Step::go(),
         }

@@ -51,6 +51,9 @@ pub struct Shared {
     pub metrics: RefCell<Metrics>,
     /// Requests paused on their rate-limit callout.
     pub callouts: RefCell<Callouts<SharedExchange>>,
+    /// Requests that came before the first policy, waiting for it (context
+    /// id, exchange, since when in unix ms).
+    pub early: RefCell<Vec<(u32, SharedExchange, i64)>>,
     /// Build/job ownership this VM has confirmed.
     pub ownership: RefCell<OwnershipCache>,
     /// Repeated denials being counted.
@@ -66,6 +69,7 @@ impl Default for Shared {
             policy: RefCell::default(),
             metrics: RefCell::default(),
             callouts: RefCell::default(),
+            early: RefCell::default(),
             ownership: RefCell::new(OwnershipCache::new(16)),
             coalescer: RefCell::new(Coalescer::new(0)),
             last_contact_ms: Cell::new(0),
@@ -173,6 +177,27 @@ impl Root {
         }
     }
 
+    /// Lets the requests waiting for the first policy go on: all of them
+    /// (`None`: it came), or those that came before `before_ms`.
+    fn release_early(&self, before_ms: Option<i64>) {
+        let due: Vec<(u32, SharedExchange)> = match self.shared.early.try_borrow_mut() {
+            Ok(mut early) if !early.is_empty() => {
+                let (due, keep): (Vec<_>, Vec<_>) =
+                    std::mem::take(&mut *early).into_iter().partition(|(_, _, since)| before_ms.is_none_or(|b| *since < b));
+                *early = keep;
+                due.into_iter().map(|(id, ex, _)| (id, ex)).collect()
+            }
+            _ => return,
+        };
+        for (context_id, exchange) in due {
+            if hostcalls::set_effective_context(context_id).is_err() {
+                continue;
+            }
+            request::finish_early(&self.shared, context_id, &exchange);
+        }
+        let _ = hostcalls::set_effective_context(self.context_id);
+    }
+
     /// Decides every request paused past its callout's deadline with the
     /// local window, in that request's context.
     fn watchdog(&self) {
@@ -277,6 +302,12 @@ impl Root {
         } else {
             read(&mut host::HttpCallBody::new(body_size))
         };
+        // Genuine but older than what is held: a replay, or a replica that
+        // has not caught up; either would bring back what was revoked since.
+        let parsed = parsed.and_then(|p| match &held {
+            Some(old) => p.may_replace(old).map(|()| p),
+            None => Ok(p),
+        });
         drop(held);
         match parsed {
             Ok(policy) => {
@@ -295,6 +326,7 @@ impl Root {
                 metrics.record_memory();
                 Metrics::inc(metrics.snapshot_updates);
                 self.succeeded();
+                self.release_early(None);
             }
             Err(e) => {
                 log::warn!("rejected {}, keeping the previous policy: {e}", if delta { "delta" } else { "snapshot" });
@@ -316,6 +348,17 @@ impl Root {
 }
 
 impl Context for Root {
+    /// A rate-limit callout started while this root context's callback ran
+    /// (a request let go by [`Root::release_early`]): its request's answer.
+    fn on_grpc_call_response(&mut self, token_id: u32, status_code: u32, response_size: usize) {
+        let taken = self.shared.callouts.try_borrow_mut().ok().and_then(|mut c| c.take_token(token_id));
+        let Some((context_id, exchange)) = taken else { return };
+        if hostcalls::set_effective_context(context_id).is_ok() {
+            request::answered(&self.shared, context_id, &exchange, status_code, response_size);
+        }
+        let _ = hostcalls::set_effective_context(self.context_id);
+    }
+
     fn on_http_call_response(&mut self, token_id: u32, num_headers: usize, body_size: usize, _trailers: usize) {
         if self.summaries_in_flight.as_ref().is_some_and(|(t, _)| *t == token_id) {
             return self.summaries_answered(num_headers);
@@ -389,7 +432,8 @@ impl RootContext for Root {
             self.poll_now();
         }
         self.send_summaries();
-        // Last: it switches the effective context to each overdue request.
+        // Last: they switch the effective context to each request concerned.
+        self.release_early(Some(host::now_unix_ms() - mcp_filter_core::exchange::FIRST_POLICY_WAIT_MS));
         self.watchdog();
     }
 

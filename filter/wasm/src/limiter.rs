@@ -127,6 +127,13 @@ impl<T> Callouts<T> {
         }
     }
 
+    /// The request waiting on `token`, whichever context it is in (a
+    /// callout started from the root context's callback is answered there).
+    pub fn take_token(&mut self, token: u32) -> Option<(u32, T)> {
+        let id = self.waiting.iter().find(|(_, w)| w.token == token).map(|(id, _)| *id)?;
+        self.waiting.remove(&id).map(|w| (id, w.request))
+    }
+
     /// Removes and returns every request paused for `deadline_ms` or longer.
     pub fn overdue(&mut self, now_ms: i64, deadline_ms: i64) -> Vec<(u32, T)> {
         let due: Vec<u32> = self

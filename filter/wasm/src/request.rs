@@ -143,6 +143,17 @@ fn carry_out(shared: &Shared, context_id: u32, exchange: &SharedExchange, step: 
                     };
                 }
             }
+            Effect::AwaitPolicy => {
+                let held = shared.early.try_borrow_mut().map(|mut early| early.push((context_id, exchange.clone(), host::now_unix_ms())));
+                if held.is_err() {
+                    // Never a request left waiting: decided now, without a policy.
+                    let next = with_vm(shared, |vm| exchange.borrow_mut().on_policy(vm, &WasmHost));
+                    return match next {
+                        Some(next) => carry_out(shared, context_id, exchange, next),
+                        None => fail_closed("the VM state is busy"),
+                    };
+                }
+            }
             Effect::Degraded { why } => degraded(&metrics, &why),
             Effect::Audit { facts, reason, remaining } => crate::audit::record(&facts, reason.as_deref(), remaining),
             Effect::AuditResult { upstream_status } => crate::audit::record_result(upstream_status),
@@ -198,6 +209,19 @@ fn degraded(metrics: &Metrics, why: &str) {
     Metrics::inc(metrics.ratelimit_degraded);
 }
 
+/// A request that waited for the VM's first policy goes on (the policy
+/// came, or the wait is over), in that request's (effective) context.
+pub fn finish_early(shared: &Shared, context_id: u32, exchange: &SharedExchange) {
+    drive(shared, context_id, exchange, true, |ex, vm, h| ex.on_policy(vm, h));
+}
+
+/// The answer to a rate-limit callout, for the request waiting on it (if
+/// the watchdog has not decided it already), in its (effective) context.
+pub fn answered(shared: &Shared, context_id: u32, exchange: &SharedExchange, status_code: u32, response_size: usize) {
+    let answer = limiter::read_answer(status_code, response_size);
+    drive(shared, context_id, exchange, true, |ex, vm, h| ex.on_limit(answer, vm, h));
+}
+
 /// The watchdog's verdict on a request whose callout did not answer in
 /// time, in that request's (effective) context.
 pub fn finish_overdue(shared: &Shared, context_id: u32, exchange: &SharedExchange) {
@@ -210,8 +234,7 @@ impl Context for McpRequest {
     fn on_grpc_call_response(&mut self, token_id: u32, status_code: u32, response_size: usize) {
         // None: the watchdog decided this request already.
         let Some(exchange) = self.shared.callouts.borrow_mut().take(self.context_id, token_id) else { return };
-        let answer = limiter::read_answer(status_code, response_size);
-        drive(&self.shared, self.context_id, &exchange, true, |ex, vm, h| ex.on_limit(answer, vm, h));
+        answered(&self.shared, self.context_id, &exchange, status_code, response_size);
     }
 }
 
@@ -219,6 +242,9 @@ impl Drop for McpRequest {
     fn drop(&mut self) {
         if let Ok(mut callouts) = self.shared.callouts.try_borrow_mut() {
             callouts.forget(self.context_id);
+        }
+        if let Ok(mut early) = self.shared.early.try_borrow_mut() {
+            early.retain(|(id, _, _)| *id != self.context_id);
         }
     }
 }

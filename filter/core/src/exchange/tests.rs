@@ -779,3 +779,61 @@ fn facts_of_an_admitted_request_equal_its_description() -> Outcome {
     }
     Ok(())
 }
+
+#[test]
+fn before_the_first_policy_mcp_requests_wait_for_it_once() -> Outcome {
+    let mut rig = Rig::new()?;
+    let first = rig.policy.take();
+    let host = MockHost::new(b"");
+    let auth = format!("Bearer {}", tok(1));
+    let path = format!("/api/v1/mcp/projects/{PA}/builds/{B1}");
+    // A REST read: held, nothing answered, nothing audited.
+    let mut ex = Exchange::new();
+    let step = ex.on_request_headers(headers("GET", &path, &[("authorization", &auth)]), true, &mut rig.vm(), &host);
+    assert_eq!(step, Step { effects: vec![Effect::AwaitPolicy], flow: Flow::Pause });
+    // The policy came: decided as if the request had just come.
+    rig.policy = first.clone();
+    let step = ex.on_policy(&mut rig.vm(), &host);
+    assert!(ask(&step).is_some(), "{:?}", step.effects);
+    let step = ex.on_limit(LimitAnswer::Decided(allowed(), Ownership::Confirmed), &mut rig.vm(), &host);
+    assert!(matches!(end_of(&step, false)?, End::Forward { .. }));
+
+    // A tool call whose body ended while it waited: read after the wait.
+    rig.policy = None;
+    let body = call_body("get_build", json!({"project_id": PA, "build_id": B1}));
+    let host = MockHost::new(&body);
+    let len = body.len().to_string();
+    let others = [("authorization", auth.as_str()), ("content-type", "application/json"), ("content-length", len.as_str())];
+    let mut ex = Exchange::new();
+    let step = ex.on_request_headers(headers("POST", "/api/v1/mcp", &others), false, &mut rig.vm(), &host);
+    assert_eq!(step.effects, vec![Effect::AwaitPolicy]);
+    let step = ex.on_request_body(body.len(), true, &mut rig.vm(), &host);
+    assert_eq!(step, Step { effects: Vec::new(), flow: Flow::Pause }, "the body waits with its head");
+    rig.policy = first.clone();
+    let step = ex.on_policy(&mut rig.vm(), &host);
+    assert!(ask(&step).is_some(), "the tool call went on to its limit: {:?}", step.effects);
+    assert!(step.effects.iter().any(|e| matches!(e, Effect::ReplaceRequestBody(_))));
+
+    // Still no policy when the wait is over: 503 as before, and only once.
+    rig.policy = None;
+    let mut ex = Exchange::new();
+    let step = ex.on_request_headers(headers("GET", &path, &[("authorization", &auth)]), true, &mut rig.vm(), &host);
+    assert_eq!(step.effects, vec![Effect::AwaitPolicy]);
+    let step = ex.on_policy(&mut rig.vm(), &host);
+    assert_eq!(end_of(&step, false)?, End::Deny("policy_unavailable".into()));
+    // Traffic that needs no policy never waits, and neither does a stale one.
+    let mut ex = Exchange::new();
+    let step = ex.on_request_headers(headers("GET", "/api/v1/settings", &[]), true, &mut rig.vm(), &host);
+    assert_eq!(step, Step::go());
+    let mut ex = Exchange::new();
+    let step = ex.on_request_headers(headers("GET", "/api/v1/settings", &[("authorization", &auth)]), true, &mut rig.vm(), &host);
+    assert_eq!(end_of(&step, false)?, End::Deny("mcp_token_not_accepted".into()));
+    rig.policy = first;
+    rig.policy_age_ms = i64::MAX / 2;
+    let mut ex = Exchange::new();
+    let step = ex.on_request_headers(headers("GET", &path, &[("authorization", &auth)]), true, &mut rig.vm(), &host);
+    assert_eq!(end_of(&step, false)?, End::Deny("policy_stale".into()));
+    // Calling on_policy on a request that never waited changes nothing.
+    assert_eq!(Exchange::new().on_policy(&mut rig.vm(), &host), Step::go());
+    Ok(())
+}

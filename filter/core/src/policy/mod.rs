@@ -114,6 +114,21 @@ impl Policy {
         parse::apply_delta(self, body)
     }
 
+    /// Whether this policy may replace `held`: only if it was generated no
+    /// earlier. A body the control plane signed stays genuine forever, so a
+    /// replayed old snapshot (or old delta: content versions can repeat)
+    /// would verify and bring back tokens revoked since; a replica that has
+    /// not caught up yet would do the same for a moment.
+    pub fn may_replace(&self, held: &Policy) -> Result<(), SnapshotError> {
+        if self.generated_at < held.generated_at {
+            return Err(SnapshotError(format!(
+                "generated {} s before the policy held: a replayed snapshot or a control plane behind",
+                held.generated_at - self.generated_at
+            )));
+        }
+        Ok(())
+    }
+
     /// The policy as a snapshot value: tokens sorted by id, users that a
     /// token refers to. Two policies that enforce the same are equal in this
     /// form however they were built (tests compare deltas with full builds).

@@ -348,3 +348,25 @@ proptest::proptest! {
         }
     }
 }
+
+#[test]
+fn an_older_policy_may_not_replace_a_newer_one() -> Outcome {
+    let mut old = sample();
+    old.generated_at = 100;
+    let mut new = sample();
+    new.generated_at = 101;
+    let (old, new) = (Policy::compile(&old)?, Policy::compile(&new)?);
+    assert!(new.may_replace(&old).is_ok());
+    assert!(old.may_replace(&old).is_ok(), "the same second is not older");
+    let e = old.may_replace(&new).err().ok_or("an older snapshot replaced a newer one")?;
+    assert!(e.0.contains("1 s before"), "{e}");
+    // A delta carries its own generation time, checked the same way.
+    let a = snapshot_of("va", vec![token_of(1, 1, &[(1, None)], false)], &[None, Some("c")]);
+    let mut b = snapshot_of("vb", vec![], &[]);
+    b.generated_at = 3;
+    let mut held = Policy::compile(&a)?;
+    held.generated_at = 5;
+    let replayed = applied(&a, &delta_between(&a, &b), 64)?;
+    assert!(replayed.may_replace(&held).is_err());
+    Ok(())
+}
