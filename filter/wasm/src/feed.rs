@@ -189,11 +189,16 @@ impl Root {
             }
             _ => return,
         };
-        for (context_id, exchange) in due {
-            if hostcalls::set_effective_context(context_id).is_err() {
-                continue;
+        self.in_their_contexts(due, request::finish_early);
+    }
+
+    /// Runs `finish` for each request in that request's (effective)
+    /// context, then returns to this root context.
+    fn in_their_contexts(&self, requests: Vec<(u32, SharedExchange)>, finish: fn(&Shared, u32, &SharedExchange)) {
+        for (context_id, exchange) in requests {
+            if hostcalls::set_effective_context(context_id).is_ok() {
+                finish(&self.shared, context_id, &exchange);
             }
-            request::finish_early(&self.shared, context_id, &exchange);
         }
         let _ = hostcalls::set_effective_context(self.context_id);
     }
@@ -209,13 +214,7 @@ impl Root {
             Ok(mut c) if !c.is_empty() => c.overdue(now, i64::from(cfg.ratelimit_timeout_ms) + WATCHDOG_GRACE_MS),
             _ => return,
         };
-        for (context_id, exchange) in overdue {
-            if hostcalls::set_effective_context(context_id).is_err() {
-                continue;
-            }
-            request::finish_overdue(&self.shared, context_id, &exchange);
-        }
-        let _ = hostcalls::set_effective_context(self.context_id);
+        self.in_their_contexts(overdue, request::finish_overdue);
     }
 
     fn poll_now(&mut self) {
