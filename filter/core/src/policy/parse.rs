@@ -42,17 +42,7 @@ pub fn from_reader<R: Read>(body: R) -> Result<Policy, SnapshotError> {
     let index = TokenIndex::build(&b.grants).map_err(|dup| SnapshotError(format!("tokens[{}]: token_hash appears twice", dup.0)))?;
     b.grants.shrink_to_fit();
     b.scopes.shrink_to_fit();
-    Ok(Policy {
-        version: p.version,
-        generated_at: p.generated_at,
-        limits: p.limits,
-        grants: b.grants,
-        index,
-        scopes: b.scopes,
-        users: b.users,
-        projects: b.projects,
-        project_ix: b.project_ix,
-    })
+    Ok(b.into_policy(p.version, p.generated_at, p.limits, index))
 }
 
 /// Applies a [`SnapshotDelta`](crate::snapshot::SnapshotDelta) body to
@@ -138,17 +128,7 @@ pub fn apply_delta<R: Read>(old: &Policy, body: R) -> Result<Policy, SnapshotErr
     }
     let index = TokenIndex::build(&f.grants).map_err(|_| SnapshotError("a delta token's token_hash is held by another token".into()))?;
     f.compact_users();
-    Ok(Policy {
-        version: p.version,
-        generated_at: p.generated_at,
-        limits: p.limits,
-        grants: f.grants,
-        index,
-        scopes: f.scopes,
-        users: f.users,
-        projects: f.projects,
-        project_ix: f.project_ix,
-    })
+    Ok(f.into_policy(p.version, p.generated_at, p.limits, index))
 }
 
 /// What makes a body a delta.
@@ -296,6 +276,21 @@ struct Builder {
 }
 
 impl Builder {
+    /// The policy these tables make, under `index`.
+    fn into_policy(self, version: String, generated_at: i64, limits: Limits, index: TokenIndex) -> Policy {
+        Policy {
+            version,
+            generated_at,
+            limits,
+            grants: self.grants,
+            index,
+            scopes: self.scopes,
+            users: self.users,
+            projects: self.projects,
+            project_ix: self.project_ix,
+        }
+    }
+
     /// Takes a user of another policy, credentials and all.
     fn adopt_user(&mut self, user: User) -> UserIx {
         let ix = self.users.len() as UserIx;
