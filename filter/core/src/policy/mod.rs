@@ -1,40 +1,58 @@
 //! [`Policy`]: the compiled snapshot the filter keeps per VM, built straight
 //! from the snapshot body by [`parse`] (no intermediate [`Snapshot`]), sized
-//! for 100 000 tokens in well under 32 MiB:
+//! for a million tokens in well under 64 MiB (issue "Scale out", item 4):
 //!
-//! - grants live in one `Vec` of fixed-size records (hash, id, user, expiry,
-//!   a slice of the shared project arena);
-//! - [`index::TokenIndex`] maps a token hash to its grant with one `u32` slot
-//!   per bucket (lookup cost independent of the number of tokens);
-//! - user and project ids are interned once.
+//! - a grant is a fixed 40-byte record: the first 16 bytes of its token's
+//!   SHA-256 (128 bits: finding another token with the same prefix is
+//!   still a 2^128 search), its id in binary, user, expiry and a slice of
+//!   its shard's scope arena;
+//! - grants live in [`SHARDS`] [`Shard`]s by the first byte of their hash,
+//!   each sorted by hash: a lookup is one binary search in `n / 256`
+//!   records, no index table at all;
+//! - shards, users and projects are shared (`Arc`) between a policy and
+//!   the next: a delta rebuilds only the shards whose tokens it touches, so
+//!   a revocation among a million tokens copies one shard (about 4 000
+//!   grants), and a VM holding two policies holds the untouched shards once.
 //!
 //! [`Snapshot`]: crate::snapshot::Snapshot
+//! [`Shard`]: shard::Shard
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use crate::route::Class;
 use crate::snapshot::{Limits, Snapshot, SnapshotError};
 use crate::token::{self, TokenHash};
 
 pub mod cursor;
-pub mod index;
 pub mod parse;
+pub mod shard;
 
-use index::TokenIndex;
+use shard::{Scope, Shard};
 
 /// Index of an interned user id in [`Policy`].
 pub type UserIx = u32;
 
-/// A live token as the filter keeps it: 64 bytes.
-#[derive(Debug, Clone)]
+/// What a grant keeps of its token's SHA-256.
+pub type HashPrefix = [u8; 16];
+
+/// The prefix of a token hash a grant keeps.
+pub fn hash_prefix(hash: &TokenHash) -> HashPrefix {
+    let mut p = [0u8; 16];
+    p.copy_from_slice(hash.get(..16).unwrap_or(&[0; 16]));
+    p
+}
+
+/// A live token as the filter keeps it: 40 bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Grant {
-    pub hash: TokenHash,
-    token_id: [u8; token::TOKEN_ID_LEN],
+    hash: HashPrefix,
+    /// The 16 hex digits of the id, as 8 bytes.
+    token_id: [u8; 8],
     /// Unix seconds, clamped to `u32` (until 2106).
     expires_at: u32,
     pub user: UserIx,
-    /// Its slice of [`Policy::scopes`]: (project, expiry or `i64::MAX`),
-    /// sorted by project index.
+    /// Its slice of its shard's scope arena, sorted by project index.
     scope_start: u32,
     /// Bit 31: may trigger builds; bits 0-30: length of the scope slice.
     trigger_and_scope_len: u32,
@@ -42,9 +60,53 @@ pub struct Grant {
 
 const TRIGGER_BIT: u32 = 1 << 31;
 
+/// A token id as text (16 lowercase hex), without an allocation.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct TokenIdText([u8; token::TOKEN_ID_LEN]);
+
+impl std::ops::Deref for TokenIdText {
+    type Target = str;
+    fn deref(&self) -> &str {
+        std::str::from_utf8(&self.0).unwrap_or_default()
+    }
+}
+
+impl std::fmt::Display for TokenIdText {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self)
+    }
+}
+
+impl std::fmt::Debug for TokenIdText {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self)
+    }
+}
+
+impl PartialEq<str> for TokenIdText {
+    fn eq(&self, other: &str) -> bool {
+        **self == *other
+    }
+}
+
+impl PartialEq<&str> for TokenIdText {
+    fn eq(&self, other: &&str) -> bool {
+        **self == **other
+    }
+}
+
+/// `token_id` (16 lowercase hex, checked by the parser) as 8 bytes.
+fn id_bytes(hex_id: &[u8; token::TOKEN_ID_LEN]) -> [u8; 8] {
+    let mut out = [0u8; 8];
+    let _ = hex::decode_to_slice(hex_id, &mut out);
+    out
+}
+
 impl Grant {
-    pub fn token_id(&self) -> &str {
-        std::str::from_utf8(&self.token_id).unwrap_or_default()
+    pub fn token_id(&self) -> TokenIdText {
+        let mut text = [0u8; token::TOKEN_ID_LEN];
+        let _ = hex::encode_to_slice(self.token_id, &mut text);
+        TokenIdText(text)
     }
 
     /// Unix seconds.
@@ -60,6 +122,10 @@ impl Grant {
     fn scope_len(&self) -> usize {
         (self.trigger_and_scope_len & !TRIGGER_BIT) as usize
     }
+
+    fn shard(&self) -> usize {
+        usize::from(self.hash[0])
+    }
 }
 
 /// A user as the filter keeps it.
@@ -70,30 +136,93 @@ pub struct User {
     pub write_credential: Option<Box<str>>,
 }
 
-/// The compiled snapshot: O(1) lookup by token hash.
+/// The users of a policy: a slot per user index (`None`: free, its user
+/// lost its last token), and how many grants refer to each.
+#[derive(Clone, Default)]
+struct Users {
+    slots: Vec<Option<Arc<User>>>,
+    tokens: Vec<u32>,
+    free: Vec<UserIx>,
+}
+
+impl Users {
+    fn get(&self, ix: UserIx) -> Option<&User> {
+        self.slots.get(ix as usize)?.as_deref()
+    }
+
+    /// A slot for `user` (a free one first).
+    fn add(&mut self, user: Arc<User>) -> UserIx {
+        if let Some(ix) = self.free.pop() {
+            if let Some(slot) = self.slots.get_mut(ix as usize) {
+                *slot = Some(user);
+                return ix;
+            }
+        }
+        self.slots.push(Some(user));
+        self.tokens.push(0);
+        (self.slots.len() - 1) as UserIx
+    }
+
+    /// Frees the slot of `ix` if no grant refers to it any more.
+    fn release_if_unused(&mut self, ix: UserIx) {
+        let unused = self.tokens.get(ix as usize).is_some_and(|n| *n == 0);
+        if let Some(slot) = self.slots.get_mut(ix as usize).filter(|s| unused && s.is_some()) {
+            *slot = None;
+            self.free.push(ix);
+        }
+    }
+
+    fn count(&mut self, ix: UserIx, up: bool) {
+        if let Some(n) = self.tokens.get_mut(ix as usize) {
+            *n = if up { n.saturating_add(1) } else { n.saturating_sub(1) };
+        }
+    }
+}
+
+/// Project ids, interned once.
+#[derive(Clone, Default)]
+struct Projects {
+    names: Vec<Box<str>>,
+    ix: HashMap<Box<str>, u32>,
+}
+
+impl Projects {
+    fn intern(&mut self, id: &str) -> u32 {
+        if let Some(ix) = self.ix.get(id) {
+            return *ix;
+        }
+        let ix = self.names.len() as u32;
+        self.names.push(id.into());
+        self.ix.insert(id.into(), ix);
+        ix
+    }
+}
+
+/// The compiled snapshot: lookup by token hash in one shard.
 #[derive(Clone, Default)]
 pub struct Policy {
     pub version: String,
     pub generated_at: i64,
     pub limits: Limits,
-    grants: Vec<Grant>,
-    index: TokenIndex,
-    /// Every grant's (project, expiry) pairs, back to back.
-    scopes: Vec<(u32, i64)>,
-    users: Vec<User>,
-    projects: Vec<Box<str>>,
-    project_ix: HashMap<Box<str>, u32>,
+    /// [`SHARDS`] of them (none in the empty default policy).
+    shards: Vec<Arc<Shard>>,
+    users: Arc<Users>,
+    projects: Arc<Projects>,
+    tokens: usize,
 }
 
 impl std::fmt::Debug for Policy {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Policy")
             .field("version", &self.version)
-            .field("tokens", &self.grants.len())
-            .field("users", &self.users.len())
+            .field("tokens", &self.tokens)
+            .field("users", &self.users.slots.len())
             .finish()
     }
 }
+
+/// A grant's place in a policy: shard in the top 8 bits, position below.
+const POSITION_BITS: u32 = 24;
 
 impl Policy {
     /// Parses and validates a whole snapshot body.
@@ -108,8 +237,8 @@ impl Policy {
     }
 
     /// The policy a [`SnapshotDelta`](crate::snapshot::SnapshotDelta) body
-    /// makes of this one (its `base`); this one is left as it is. Work and
-    /// memory are one pass over the tables held, whatever the delta's size.
+    /// makes of this one (its `base`); this one is left as it is. The new
+    /// policy shares every shard the delta does not touch with this one.
     pub fn apply_delta<R: std::io::Read>(&self, body: R) -> Result<Self, SnapshotError> {
         parse::apply_delta(self, body)
     }
@@ -129,31 +258,36 @@ impl Policy {
         Ok(())
     }
 
-    /// The policy as a snapshot value: tokens sorted by id, users that a
-    /// token refers to. Two policies that enforce the same are equal in this
-    /// form however they were built (tests compare deltas with full builds).
+    fn all_grants(&self) -> impl Iterator<Item = (&Shard, &Grant)> + '_ {
+        self.shards.iter().flat_map(|s| s.grants.iter().map(move |g| (&**s, g)))
+    }
+
+    /// The policy as a snapshot value: tokens sorted by id (with the hash
+    /// prefix a grant keeps as `token_hash`), users that a token refers
+    /// to. Two policies that enforce the same are equal in this form
+    /// however they were built (tests compare deltas with full builds).
     pub fn to_snapshot(&self) -> Snapshot {
         let mut tokens: Vec<crate::snapshot::SnapshotToken> = self
-            .grants
-            .iter()
-            .map(|g| crate::snapshot::SnapshotToken {
-                token_id: g.token_id().to_owned(),
+            .all_grants()
+            .map(|(shard, g)| crate::snapshot::SnapshotToken {
+                token_id: g.token_id().to_string(),
                 token_hash: hex::encode(g.hash),
                 user_id: self.user(g.user).map(|u| u.id.to_string()).unwrap_or_default(),
                 expires_at: g.expires_at(),
                 allow_trigger: g.allow_trigger(),
-                projects: self
+                projects: shard
                     .scope(g)
                     .iter()
-                    .filter_map(|(p, exp)| self.projects.get(*p as usize).map(|p| (p.to_string(), Some(*exp).filter(|e| *e != i64::MAX))))
+                    .filter_map(|(p, exp)| {
+                        self.projects.names.get(*p as usize).map(|p| (p.to_string(), Some(i64::from(*exp)).filter(|e| *e != i64::from(shard::NO_EXPIRY))))
+                    })
                     .collect(),
             })
             .collect();
         tokens.sort_by(|a, b| a.token_id.cmp(&b.token_id));
         let users = self
-            .grants
-            .iter()
-            .filter_map(|g| self.user(g.user))
+            .all_grants()
+            .filter_map(|(_, g)| self.user(g.user))
             .map(|u| {
                 let creds = crate::snapshot::SnapshotUser {
                     read_credential: u.read_credential.as_deref().map(str::to_owned),
@@ -179,37 +313,42 @@ impl Policy {
         Self::from_json(&body)
     }
 
-    /// The grant whose token hashes to `hash`, with its index.
+    /// The grant whose token hashes to `hash`, with its place.
     pub fn grant_by_hash(&self, hash: &TokenHash) -> Option<(u32, &Grant)> {
-        self.index.find(hash, &self.grants)
+        let prefix = hash_prefix(hash);
+        let shard = self.shards.get(usize::from(prefix[0]))?;
+        let (pos, grant) = shard.find(&prefix)?;
+        Some(((u32::from(prefix[0]) << POSITION_BITS) | pos, grant))
     }
 
+    /// The grant at a place [`grant_by_hash`](Self::grant_by_hash) gave.
     pub fn grant(&self, ix: u32) -> Option<&Grant> {
-        self.grants.get(ix as usize)
+        let shard = self.shards.get((ix >> POSITION_BITS) as usize)?;
+        shard.grants.get((ix & ((1 << POSITION_BITS) - 1)) as usize)
     }
 
     pub fn user(&self, ix: UserIx) -> Option<&User> {
-        self.users.get(ix as usize)
+        self.users.get(ix)
     }
 
-    fn scope(&self, grant: &Grant) -> &[(u32, i64)] {
-        let start = grant.scope_start as usize;
-        self.scopes.get(start..start + grant.scope_len()).unwrap_or_default()
+    fn scope(&self, grant: &Grant) -> &[Scope] {
+        self.shards.get(grant.shard()).map(|s| s.scope(grant)).unwrap_or_default()
     }
 
     /// Expiry of `project` for `grant` (`i64::MAX` = none), if in scope.
     pub fn project_expiry(&self, grant: &Grant, project: &str) -> Option<i64> {
-        let ix = *self.project_ix.get(project)?;
+        let ix = *self.projects.ix.get(project)?;
         let scope = self.scope(grant);
-        scope.binary_search_by_key(&ix, |(p, _)| *p).ok().and_then(|i| scope.get(i)).map(|(_, exp)| *exp)
+        let (_, exp) = scope.get(scope.binary_search_by_key(&ix, |(p, _)| *p).ok()?)?;
+        Some(if *exp == shard::NO_EXPIRY { i64::MAX } else { i64::from(*exp) })
     }
 
     /// Project ids of `grant` that are in scope at `now`.
     pub fn projects_in_scope<'a>(&'a self, grant: &'a Grant, now: i64) -> impl Iterator<Item = &'a str> + 'a {
         self.scope(grant)
             .iter()
-            .filter(move |(_, exp)| *exp > now)
-            .filter_map(|(p, _)| self.projects.get(*p as usize).map(|s| &**s))
+            .filter(move |(_, exp)| *exp == shard::NO_EXPIRY || i64::from(*exp) > now)
+            .filter_map(|(p, _)| self.projects.names.get(*p as usize).map(|s| &**s))
     }
 
     pub fn limit(&self, class: Class) -> u32 {
@@ -217,24 +356,40 @@ impl Policy {
     }
 
     pub fn token_count(&self) -> usize {
-        self.grants.len()
+        self.tokens
     }
 
     /// Bytes held by this policy's tables (capacity, not length), without
-    /// allocator overhead: what one more snapshot costs a VM.
+    /// allocator overhead, shared tables included: what a VM holding only
+    /// this policy spends on it.
     pub fn heap_bytes(&self) -> usize {
         use std::mem::size_of;
-        let strings: usize = self.users.iter().map(|u| {
-            u.id.len() + u.read_credential.as_ref().map_or(0, |c| c.len()) + u.write_credential.as_ref().map_or(0, |c| c.len())
-        }).sum::<usize>()
-            + 2 * self.projects.iter().map(|p| p.len()).sum::<usize>();
-        self.grants.capacity() * size_of::<Grant>()
-            + self.index.heap_bytes()
-            + self.scopes.capacity() * size_of::<(u32, i64)>()
-            + self.users.capacity() * size_of::<User>()
-            + self.projects.capacity() * size_of::<Box<str>>()
-            + self.project_ix.capacity() * (size_of::<Box<str>>() + size_of::<u32>() + 1)
-            + strings
+        let users: usize = self
+            .users
+            .slots
+            .iter()
+            .flatten()
+            .map(|u| {
+                size_of::<User>()
+                    + u.id.len()
+                    + u.read_credential.as_ref().map_or(0, |c| c.len())
+                    + u.write_credential.as_ref().map_or(0, |c| c.len())
+            })
+            .sum();
+        self.shards.iter().map(|s| s.heap_bytes()).sum::<usize>()
+            + self.shards.capacity() * size_of::<Arc<Shard>>()
+            + users
+            + self.users.slots.capacity() * size_of::<Option<Arc<User>>>()
+            + self.users.tokens.capacity() * size_of::<u32>()
+            + 2 * self.projects.names.iter().map(|p| p.len()).sum::<usize>()
+            + self.projects.names.capacity() * size_of::<Box<str>>()
+            + self.projects.ix.capacity() * (size_of::<Box<str>>() + size_of::<u32>() + 1)
+    }
+
+    /// Bytes of the shards this policy shares with `other` (the memory a
+    /// VM holding both does not spend twice).
+    pub fn shared_bytes(&self, other: &Policy) -> usize {
+        self.shards.iter().zip(&other.shards).filter(|(a, b)| Arc::ptr_eq(a, b)).map(|(a, _)| a.heap_bytes()).sum()
     }
 }
 

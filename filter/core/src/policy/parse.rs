@@ -8,16 +8,17 @@
 //! whole snapshot with a message that names where, never what (a value could
 //! be a credential).
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::fmt;
 use std::io::Read;
+use std::sync::Arc;
 
 use serde::de::{self, DeserializeSeed, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde::Deserialize;
 
 use super::cursor::ValueCursor;
-use super::index::TokenIndex;
-use super::{Grant, Policy, User, UserIx, TRIGGER_BIT};
+use super::shard::{scope_expiry, Scope, Shard, SHARDS};
+use super::{Grant, Policy, Projects, User, UserIx, Users, TRIGGER_BIT};
 use crate::route::Class;
 use crate::snapshot::{Limits, SnapshotError, SnapshotUser, SCHEMA};
 use crate::token;
@@ -32,24 +33,21 @@ pub fn from_slice(body: &[u8]) -> Result<Policy, SnapshotError> {
 
 /// Parses a body read piece by piece: the top-level object and the
 /// `tokens` array are walked by [`ValueCursor`], each member and each token
-/// decoded on its own, straight into the policy's tables.
+/// decoded on its own, straight into the policy's shards.
 pub fn from_reader<R: Read>(body: R) -> Result<Policy, SnapshotError> {
     let p = parse_body(body)?;
     if p.delta.is_some() {
         return Err(SnapshotError("a delta (it has a base) where a full snapshot was expected".into()));
     }
-    let mut b = p.builder;
-    let index = TokenIndex::build(&b.grants).map_err(|dup| SnapshotError(format!("tokens[{}]: token_hash appears twice", dup.0)))?;
-    b.grants.shrink_to_fit();
-    b.scopes.shrink_to_fit();
-    Ok(b.into_policy(p.version, p.generated_at, p.limits, index))
+    p.builder.into_policy(p.version, p.generated_at, p.limits)
 }
 
 /// Applies a [`SnapshotDelta`](crate::snapshot::SnapshotDelta) body to
-/// `old`, which must be its `base`: the tokens `old` holds that the delta
-/// neither removes nor replaces are copied (with their users' credentials),
-/// then the delta's tokens are added. `old` stays as it is; anything that
-/// does not add up refuses the delta, and the VM asks for the full snapshot.
+/// `old`, which must be its `base`. Only the shards holding a token the
+/// delta replaces or removes, or receiving one it adds, are rebuilt; the
+/// others are shared with `old`, as are the user and project tables unless
+/// the delta changes them. `old` stays as it is; anything that does not add
+/// up refuses the delta, and the VM asks for the full snapshot.
 pub fn apply_delta<R: Read>(old: &Policy, body: R) -> Result<Policy, SnapshotError> {
     let p = parse_body(body)?;
     let Some(delta) = p.delta else {
@@ -59,76 +57,126 @@ pub fn apply_delta<R: Read>(old: &Policy, body: R) -> Result<Policy, SnapshotErr
         return Err(SnapshotError(format!("a delta from version {} to a policy of version {}", delta.base, old.version)));
     }
     let d = p.builder;
-    // Every id the delta replaces or removes; none of its tokens twice.
-    let mut touched: HashSet<[u8; token::TOKEN_ID_LEN]> = HashSet::with_capacity(d.grants.len() + delta.removed.len());
-    for g in &d.grants {
-        if !touched.insert(g.token_id) {
-            return Err(SnapshotError("a delta names a token twice".into()));
-        }
+    // Every id the delta replaces or removes (sorted); none of its tokens twice.
+    let mut touched: Vec<[u8; 8]> = d.shards.iter().flat_map(|s| s.grants.iter().map(|g| g.token_id)).collect();
+    let added = touched.len();
+    touched.sort_unstable();
+    if touched.windows(2).any(|w| w.first() == w.get(1)) {
+        return Err(SnapshotError("a delta names a token twice".into()));
     }
-    touched.extend(delta.removed.iter().copied());
-    let mut f = Builder {
-        grants: Vec::with_capacity(old.grants.len() + d.grants.len()),
-        scopes: Vec::with_capacity(old.scopes.len() + d.scopes.len()),
-        projects: old.projects.clone(),
-        project_ix: old.project_ix.clone(),
-        ..Builder::default()
-    };
-    // The grants that stay, their users adopted once each.
-    let mut users: Vec<Option<UserIx>> = vec![None; old.users.len()];
-    for g in old.grants.iter().filter(|g| !touched.contains(&g.token_id)) {
-        let slot = users.get_mut(g.user as usize).ok_or_else(|| SnapshotError("a grant without its user".into()))?;
-        let user = match *slot {
-            Some(ix) => ix,
-            None => {
-                let u = old.users.get(g.user as usize).ok_or_else(|| SnapshotError("a grant without its user".into()))?;
-                let ix = f.adopt_user(u.clone());
-                *slot = Some(ix);
-                ix
-            }
-        };
-        let start = u32::try_from(f.scopes.len()).map_err(|_| SnapshotError("too many projects".into()))?;
-        f.scopes.extend_from_slice(old.scope(g));
-        f.grants.push(Grant { user, scope_start: start, ..g.clone() });
-    }
-    // The delta's grants, its users and projects interned into the result.
-    let projects: Vec<u32> = d.projects.iter().map(|p| f.intern_project(p)).collect();
-    let mut delta_users: Vec<Option<UserIx>> = vec![None; d.users.len()];
-    for (ix, u) in d.users.iter().enumerate() {
-        if d.listed.get(ix).copied().unwrap_or(false) {
-            let at = f.intern_user(&u.id);
-            if let Some(user) = f.users.get_mut(at as usize) {
-                user.read_credential.clone_from(&u.read_credential);
-                user.write_credential.clone_from(&u.write_credential);
-            }
-            if let Some(slot) = delta_users.get_mut(ix) {
-                *slot = Some(at);
+    touched.extend(delta.removed.iter().map(super::id_bytes));
+    touched.sort_unstable();
+    touched.dedup();
+    let is_touched = |g: &Grant| touched.binary_search(&g.token_id).is_ok();
+
+    // Projects: the held table, extended only if the delta brings new ones.
+    let mut projects = Arc::clone(&old.projects);
+    let project_map: Vec<u32> = d
+        .projects
+        .names
+        .iter()
+        .map(|name| match projects.ix.get(name) {
+            Some(ix) => *ix,
+            None => Arc::make_mut(&mut projects).intern(name),
+        })
+        .collect();
+
+    // Users: the delta's users found among the held ones by id (one pass
+    // over the held table), credentials replaced for those it lists; a new
+    // user gets a slot only if one of the delta's tokens needs it.
+    let mut users = Arc::clone(&old.users);
+    let table = Arc::make_mut(&mut users);
+    let wanted: HashMap<&str, usize> = d.users.iter().enumerate().map(|(ix, u)| (&*u.id, ix)).collect();
+    let mut resolved: Vec<Option<UserIx>> = vec![None; d.users.len()];
+    if !wanted.is_empty() {
+        for (ix, slot) in old.users.slots.iter().enumerate() {
+            if let Some(at) = slot.as_ref().and_then(|u| wanted.get(&*u.id)).and_then(|di| resolved.get_mut(*di)) {
+                *at = Some(ix as UserIx);
             }
         }
     }
-    for g in &d.grants {
-        let user = delta_users
-            .get(g.user as usize)
-            .copied()
-            .flatten()
-            .ok_or_else(|| SnapshotError("a delta token whose user the delta does not describe".into()))?;
-        let start = f.scopes.len();
-        for (project, expiry) in d.scope(g) {
-            let project = *projects.get(*project as usize).ok_or_else(|| SnapshotError("a scope without its project".into()))?;
-            f.scopes.push((project, *expiry));
+    let mut needed = vec![false; d.users.len()];
+    for g in d.shards.iter().flat_map(|s| s.grants.iter()) {
+        if let Some(n) = needed.get_mut(g.user as usize) {
+            *n = true;
         }
-        f.scopes.get_mut(start..).unwrap_or_default().sort_unstable();
-        let start = u32::try_from(start).map_err(|_| SnapshotError("too many projects".into()))?;
-        f.grants.push(Grant { user, scope_start: start, ..g.clone() });
+    }
+    let mut concerned = Vec::new();
+    for (di, u) in d.users.iter().enumerate() {
+        let listed = d.listed.get(di).copied().unwrap_or(false);
+        let need = needed.get(di).copied().unwrap_or(false);
+        if !listed {
+            if need {
+                return Err(SnapshotError("a delta token whose user the delta does not describe".into()));
+            }
+            continue;
+        }
+        let slot = resolved.get_mut(di).ok_or_else(|| SnapshotError("a delta user out of range".into()))?;
+        match *slot {
+            Some(ix) => {
+                if let Some(s) = table.slots.get_mut(ix as usize) {
+                    *s = Some(Arc::new(u.clone()));
+                }
+                concerned.push(ix);
+            }
+            None if need => *slot = Some(table.add(Arc::new(u.clone()))),
+            None => {}
+        }
+    }
+
+    // Shards: untouched ones shared, the others rebuilt.
+    let empty = Shard::default();
+    let mut shards = Vec::with_capacity(SHARDS);
+    let mut removed = 0usize;
+    let mut scope = Vec::new();
+    for s in 0..SHARDS {
+        let held = old.shards.get(s);
+        let held_shard = held.map_or(&empty, |h| &**h);
+        let incoming = d.shards.get(s).filter(|i| !i.grants.is_empty());
+        let hit = held_shard.grants.iter().any(is_touched);
+        if !hit && incoming.is_none() {
+            shards.push(held.map_or_else(|| Arc::new(Shard::default()), Arc::clone));
+            continue;
+        }
+        let mut fresh = Shard::default();
+        fresh.grants.reserve_exact(held_shard.grants.len() + incoming.map_or(0, |i| i.grants.len()));
+        fresh.scopes.reserve_exact(held_shard.scopes.len() + incoming.map_or(0, |i| i.scopes.len()));
+        for g in &held_shard.grants {
+            if is_touched(g) {
+                table.count(g.user, false);
+                concerned.push(g.user);
+                removed += 1;
+            } else {
+                fresh.push(*g, held_shard.scope(g))?;
+            }
+        }
+        for g in incoming.map(|i| i.grants.as_slice()).unwrap_or_default() {
+            let user = resolved
+                .get(g.user as usize)
+                .copied()
+                .flatten()
+                .ok_or_else(|| SnapshotError("a delta token whose user the delta does not describe".into()))?;
+            scope.clear();
+            for (project, expiry) in incoming.map(|i| i.scope(g)).unwrap_or_default() {
+                let project = *project_map.get(*project as usize).ok_or_else(|| SnapshotError("a scope without its project".into()))?;
+                scope.push((project, *expiry));
+            }
+            table.count(user, true);
+            fresh.push(Grant { user, ..*g }, &scope)?;
+        }
+        fresh.seal().map_err(|_| SnapshotError("a delta token's token_hash is held by another token".into()))?;
+        shards.push(Arc::new(fresh));
+    }
+    let total = old.tokens.saturating_sub(removed) + added;
+    if total != delta.total {
+        return Err(SnapshotError(format!("the delta gives {total} tokens, not the {} it announces", delta.total)));
     }
     // Users the delta describes but no token uses are not kept (as a full
     // snapshot lists only users with a live token, nothing refers to them).
-    if f.grants.len() != delta.total {
-        return Err(SnapshotError(format!("the delta gives {} tokens, not the {} it announces", f.grants.len(), delta.total)));
+    for ix in concerned {
+        table.release_if_unused(ix);
     }
-    let index = TokenIndex::build(&f.grants).map_err(|_| SnapshotError("a delta token's token_hash is held by another token".into()))?;
-    f.compact_users();
-    Ok(f.into_policy(p.version, p.generated_at, p.limits, index))
+    Ok(Policy { version: p.version, generated_at: p.generated_at, limits: p.limits, shards, users, projects, tokens: total })
 }
 
 /// What makes a body a delta.
@@ -178,14 +226,14 @@ fn parse_body<R: Read>(body: R) -> Result<Parsed, SnapshotError> {
             }
             Key::TokenCount => {
                 let hint = decode::<u64>(c.value()?, "token_count")?.min(MAX_RESERVE) as usize;
-                b.grants.reserve_exact(hint.saturating_sub(b.grants.len()));
+                b.make_shards(hint);
             }
             Key::Tokens if !tokens => {
                 tokens = true;
                 c.consume(b'[', "tokens as an array")?;
                 let mut last = c.close_if(b']')?;
                 while !last {
-                    let n = b.grants.len();
+                    let n = b.tokens;
                     decode_seed(TokenSeed(&mut b), c.value()?, || format!("tokens[{n}]"))?;
                     last = c.next_or_close(b']')?;
                 }
@@ -265,73 +313,63 @@ fn describe(e: serde_json::Error) -> SnapshotError {
 /// The tables being filled.
 #[derive(Default)]
 struct Builder {
-    grants: Vec<Grant>,
-    scopes: Vec<(u32, i64)>,
+    /// [`SHARDS`] once the first token (or the count hint) arrives.
+    shards: Vec<Shard>,
+    tokens: usize,
+    /// The scope of the token being decoded.
+    pending_scope: Vec<Scope>,
     users: Vec<User>,
     user_ix: HashMap<Box<str>, UserIx>,
     /// Per user: named in `users` (credentials given), not only by a token.
     listed: Vec<bool>,
-    projects: Vec<Box<str>>,
-    project_ix: HashMap<Box<str>, u32>,
+    projects: Projects,
 }
 
 impl Builder {
-    /// The policy these tables make, under `index`.
-    fn into_policy(self, version: String, generated_at: i64, limits: Limits, index: TokenIndex) -> Policy {
-        Policy {
+    /// Makes the shards, each with room for its share of `hint` tokens
+    /// (hashes are uniform: a shard rarely exceeds its share by 8 %).
+    fn make_shards(&mut self, hint: usize) {
+        if self.shards.is_empty() {
+            let each = hint / SHARDS;
+            let room = if each == 0 { 0 } else { each + each / 12 + 4 };
+            self.shards = (0..SHARDS).map(|_| Shard::with_room(room)).collect();
+        }
+    }
+
+    /// Adds a decoded token, with the scope decoded with it.
+    fn push(&mut self, grant: Grant) -> Result<(), SnapshotError> {
+        self.make_shards(0);
+        let shard = self.shards.get_mut(grant.shard()).ok_or_else(|| SnapshotError("no shard".into()))?;
+        shard.push(grant, &self.pending_scope)?;
+        self.pending_scope.clear();
+        self.tokens += 1;
+        Ok(())
+    }
+
+    /// The policy these tables make: shards sorted and checked, the users
+    /// no token refers to left out.
+    fn into_policy(mut self, version: String, generated_at: i64, limits: Limits) -> Result<Policy, SnapshotError> {
+        self.make_shards(0);
+        let mut users = Users { slots: Vec::with_capacity(self.users.len()), tokens: vec![0; self.users.len()], free: Vec::new() };
+        for shard in &mut self.shards {
+            shard.seal()?;
+            for g in &shard.grants {
+                users.count(g.user, true);
+            }
+        }
+        users.slots.extend(self.users.into_iter().map(|u| Some(Arc::new(u))));
+        for ix in 0..users.slots.len() {
+            users.release_if_unused(ix as UserIx);
+        }
+        Ok(Policy {
             version,
             generated_at,
             limits,
-            grants: self.grants,
-            index,
-            scopes: self.scopes,
-            users: self.users,
-            projects: self.projects,
-            project_ix: self.project_ix,
-        }
-    }
-
-    /// Takes a user of another policy, credentials and all.
-    fn adopt_user(&mut self, user: User) -> UserIx {
-        let ix = self.users.len() as UserIx;
-        self.user_ix.insert(user.id.clone(), ix);
-        self.users.push(user);
-        ix
-    }
-
-    /// The scope slice of a grant in these tables.
-    fn scope(&self, grant: &Grant) -> &[(u32, i64)] {
-        let start = grant.scope_start as usize;
-        self.scopes.get(start..start + grant.scope_len()).unwrap_or_default()
-    }
-
-    /// Drops users no grant refers to (a delta's users that lost their last
-    /// token) and renumbers the grants' users.
-    fn compact_users(&mut self) {
-        let mut used = vec![false; self.users.len()];
-        for g in &self.grants {
-            if let Some(u) = used.get_mut(g.user as usize) {
-                *u = true;
-            }
-        }
-        if used.iter().all(|u| *u) {
-            return;
-        }
-        let mut renumber = vec![0 as UserIx; self.users.len()];
-        let mut kept = Vec::with_capacity(self.users.len());
-        for (ix, user) in std::mem::take(&mut self.users).into_iter().enumerate() {
-            if used.get(ix).copied().unwrap_or(false) {
-                if let Some(r) = renumber.get_mut(ix) {
-                    *r = kept.len() as UserIx;
-                }
-                kept.push(user);
-            }
-        }
-        self.users = kept;
-        for g in &mut self.grants {
-            g.user = renumber.get(g.user as usize).copied().unwrap_or(g.user);
-        }
-        self.user_ix.clear();
+            shards: self.shards.into_iter().map(Arc::new).collect(),
+            users: Arc::new(users),
+            projects: Arc::new(self.projects),
+            tokens: self.tokens,
+        })
     }
 
     fn intern_user(&mut self, id: &str) -> UserIx {
@@ -341,16 +379,6 @@ impl Builder {
         let ix = self.users.len() as UserIx;
         self.users.push(User { id: id.into(), ..Default::default() });
         self.user_ix.insert(id.into(), ix);
-        ix
-    }
-
-    fn intern_project(&mut self, id: &str) -> u32 {
-        if let Some(ix) = self.project_ix.get(id) {
-            return *ix;
-        }
-        let ix = self.projects.len() as u32;
-        self.projects.push(id.into());
-        self.project_ix.insert(id.into(), ix);
         ix
     }
 }
@@ -411,7 +439,8 @@ struct Fields {
     user: Option<UserIx>,
     expires_at: Option<i64>,
     allow_trigger: Option<bool>,
-    scope: Option<(u32, u32)>,
+    /// Whether `projects` came (its entries wait in the builder).
+    scope: bool,
 }
 
 impl<'de> DeserializeSeed<'de> for TokenSeed<'_> {
@@ -424,19 +453,21 @@ impl<'de> DeserializeSeed<'de> for TokenSeed<'_> {
 impl TokenSeed<'_> {
     fn push<E: de::Error>(self, f: Fields) -> Result<(), E> {
         let missing = |field: &str| E::custom(format!("{field} is missing"));
+        let token_id = f.token_id.ok_or_else(|| missing("token_id"))?;
+        let hash = f.hash.ok_or_else(|| missing("token_hash"))?;
+        let allow_trigger = f.allow_trigger.ok_or_else(|| missing("allow_trigger"))?;
         let grant = Grant {
-            token_id: f.token_id.ok_or_else(|| missing("token_id"))?,
-            hash: f.hash.ok_or_else(|| missing("token_hash"))?,
+            hash: super::hash_prefix(&hash),
+            token_id: super::id_bytes(&token_id),
             user: f.user.ok_or_else(|| missing("user_id"))?,
             expires_at: f.expires_at.ok_or_else(|| missing("expires_at"))?.clamp(0, i64::from(u32::MAX)) as u32,
             scope_start: 0,
-            trigger_and_scope_len: 0,
+            trigger_and_scope_len: if allow_trigger { TRIGGER_BIT } else { 0 },
         };
-        let allow_trigger = f.allow_trigger.ok_or_else(|| missing("allow_trigger"))?;
-        let (start, len) = f.scope.ok_or_else(|| missing("projects"))?;
-        let grant = Grant { scope_start: start, trigger_and_scope_len: len | if allow_trigger { TRIGGER_BIT } else { 0 }, ..grant };
-        self.0.grants.push(grant);
-        Ok(())
+        if !f.scope {
+            return Err(missing("projects"));
+        }
+        self.0.push(grant).map_err(|e| E::custom(e.0))
     }
 }
 
@@ -455,7 +486,7 @@ impl<'de> Visitor<'de> for TokenSeed<'_> {
             user: seq.next_element_seed(user_id(&mut *b))?,
             expires_at: seq.next_element()?,
             allow_trigger: seq.next_element()?,
-            scope: seq.next_element_seed(ScopeSeed(&mut *b))?,
+            scope: seq.next_element_seed(ScopeSeed(&mut *b))?.is_some(),
         };
         // Fields a later schema may append.
         while seq.next_element::<IgnoredAny>()?.is_some() {}
@@ -473,7 +504,10 @@ impl<'de> Visitor<'de> for TokenSeed<'_> {
                 TokenKey::UserId if f.user.is_none() => f.user = Some(map.next_value_seed(user_id(&mut *b))?),
                 TokenKey::ExpiresAt if f.expires_at.is_none() => f.expires_at = Some(map.next_value()?),
                 TokenKey::AllowTrigger if f.allow_trigger.is_none() => f.allow_trigger = Some(map.next_value()?),
-                TokenKey::Projects if f.scope.is_none() => f.scope = Some(map.next_value_seed(ScopeSeed(&mut *b))?),
+                TokenKey::Projects if !f.scope => {
+                    map.next_value_seed(ScopeSeed(&mut *b))?;
+                    f.scope = true;
+                }
                 TokenKey::Other => {
                     map.next_value::<IgnoredAny>()?;
                 }
@@ -575,38 +609,34 @@ impl Visitor<'_> for Intern<'_> {
     fn visit_str<E: de::Error>(self, v: &str) -> Result<u32, E> {
         Ok(match self.kind {
             IdKind::User => self.builder.intern_user(v),
-            IdKind::Project => self.builder.intern_project(v),
+            IdKind::Project => self.builder.projects.intern(v),
         })
     }
 }
 
-/// `projects`: `{project id: expiry or null}`, appended to the scope arena;
-/// yields the token's (start, length) there, sorted by project.
+/// `projects`: `{project id: expiry or null}`, held in the builder until
+/// the token is complete.
 struct ScopeSeed<'b>(&'b mut Builder);
 
 impl<'de> DeserializeSeed<'de> for ScopeSeed<'_> {
-    type Value = (u32, u32);
-    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<(u32, u32), D::Error> {
+    type Value = ();
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
         d.deserialize_map(self)
     }
 }
 
 impl<'de> Visitor<'de> for ScopeSeed<'_> {
-    type Value = (u32, u32);
+    type Value = ();
     fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("an object of project ids to expiry or null")
     }
-    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(u32, u32), A::Error> {
-        let start = self.0.scopes.len();
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+        self.0.pending_scope.clear();
         while let Some(project) = map.next_key_seed(project_id(&mut *self.0))? {
             let expiry: Option<i64> = map.next_value()?;
-            self.0.scopes.push((project, expiry.unwrap_or(i64::MAX)));
+            self.0.pending_scope.push((project, scope_expiry(expiry)));
         }
-        let scope = self.0.scopes.get_mut(start..).unwrap_or_default();
-        scope.sort_unstable();
-        let len = u32::try_from(scope.len()).ok().filter(|l| l & TRIGGER_BIT == 0).ok_or_else(|| de::Error::custom("too many projects"))?;
-        let start = u32::try_from(start).map_err(|_| de::Error::custom("too many projects"))?;
-        Ok((start, len))
+        Ok(())
     }
 }
 
