@@ -21,7 +21,7 @@ use mcp_filter_core::token;
 use mcp_filter_core::snapshot::{Limits, Snapshot, SnapshotDelta, SnapshotToken, SnapshotUser, SCHEMA};
 use serde::ser::SerializeMap;
 use serde_json::Value;
-use sha2::{Digest, Sha256};
+use sha2::{Digest as _, Sha256};
 use sqlx::{PgConnection, PgPool};
 use uuid::Uuid;
 
@@ -170,8 +170,8 @@ pub struct Model {
     tokens: BTreeMap<String, SnapshotToken>,
     /// Credentials of every user with a live token.
     users: BTreeMap<String, SnapshotUser>,
-    /// Live tokens per user id.
-    user_tokens: HashMap<String, u32>,
+    /// Live tokens per user id: all of them, and those that may trigger.
+    user_tokens: HashMap<String, (u32, u32)>,
     /// Hashes of the live tokens (the filter refuses a snapshot with a
     /// hash twice).
     hashes: HashSet<String>,
@@ -191,8 +191,9 @@ impl Model {
         for id in ids {
             if let Some(old) = self.tokens.remove(id) {
                 self.hashes.remove(&old.token_hash);
-                if let Some(n) = self.user_tokens.get_mut(&old.user_id) {
+                if let Some((n, triggers)) = self.user_tokens.get_mut(&old.user_id) {
                     *n = n.saturating_sub(1);
+                    *triggers = triggers.saturating_sub(u32::from(old.allow_trigger));
                     if *n == 0 {
                         self.user_tokens.remove(&old.user_id);
                         self.users.remove(&old.user_id);
@@ -226,7 +227,9 @@ impl Model {
             if !self.users.contains_key(&user_id) {
                 self.users.insert(user_id.clone(), credentials.get(&t.user_id).cloned().unwrap_or_default());
             }
-            *self.user_tokens.entry(user_id.clone()).or_default() += 1;
+            let (n, triggers) = self.user_tokens.entry(user_id.clone()).or_default();
+            *n += 1;
+            *triggers += u32::from(t.allow_trigger);
             let token = SnapshotToken {
                 projects: effective_projects(t.enabled_projects.as_ref(), collab.get(&t.user_id)),
                 token_id: t.token_id,
@@ -286,15 +289,21 @@ impl Model {
     /// created before the gateway, until their owner's next
     /// session-authenticated token-API request mints it.
     pub fn tokens_without_credential(&self) -> usize {
-        self.tokens
-            .values()
-            .filter(|t| {
-                let user = self.users.get(&t.user_id);
+        // Per user, not per token: one pass over the users (every publish,
+        // so a revocation among a million tokens does not walk them all).
+        self.user_tokens
+            .iter()
+            .map(|(id, (n, triggers))| {
+                let user = self.users.get(id);
                 let read = user.is_some_and(|u| u.read_credential.is_some());
                 let write = user.is_some_and(|u| u.write_credential.is_some());
-                !read || (t.allow_trigger && !write)
+                match (read, write) {
+                    (false, _) => *n as usize,
+                    (true, false) => *triggers as usize,
+                    (true, true) => 0,
+                }
             })
-            .count()
+            .sum()
     }
 
     /// The wire value (tests and tools; the publisher renders bodies).
@@ -310,28 +319,30 @@ impl Model {
     }
 
     /// The body the filter gets (the [`Snapshot`] wire form) and its
-    /// version: the first 32 hex of SHA-256 over everything but `version`
-    /// and `generated_at`, so it stays the same while the policy does. The
-    /// tokens are serialized once; the body is that content behind a header.
+    /// version (tests and tools: the publisher keeps the [`Fingerprint`]
+    /// and renders the body only when a VM asks for the whole snapshot).
     pub fn render(&self, limits: &Limits, generated_at: i64) -> Result<(String, Vec<u8>), serde_json::Error> {
+        let version = Fingerprint::of(self).version(limits);
+        let body = self.render_body(limits, &version, generated_at)?;
+        Ok((version, body))
+    }
+
+    /// The full snapshot body of `version` (which [`Fingerprint::version`]
+    /// gave for this content): tokens sorted by id, serialized once.
+    pub fn render_body(&self, limits: &Limits, version: &str, generated_at: i64) -> Result<Vec<u8>, serde_json::Error> {
         use serde::Serializer as _;
-        let mut content = Vec::with_capacity(160 * self.tokens.len() + 4096);
-        let mut ser = serde_json::Serializer::new(&mut content);
-        let mut m = (&mut ser).serialize_map(Some(5))?;
+        let mut body = Vec::with_capacity(160 * self.tokens.len() + 4096);
+        let mut ser = serde_json::Serializer::new(&mut body);
+        let mut m = (&mut ser).serialize_map(Some(7))?;
+        m.serialize_entry("version", version)?;
+        m.serialize_entry("generated_at", &generated_at)?;
         m.serialize_entry("schema", &SCHEMA)?;
         m.serialize_entry("limits", limits)?;
         m.serialize_entry("token_count", &self.tokens.len())?;
         m.serialize_entry("tokens", &Tokens(&self.tokens))?;
         m.serialize_entry("users", &self.users)?;
         m.end()?;
-        let mut version = hex::encode(Sha256::digest(&content));
-        version.truncate(32);
-        // `{"schema":1,…}` → `{"version":"…","generated_at":…,"schema":1,…}`
-        let head = format!("{{\"version\":\"{version}\",\"generated_at\":{generated_at},");
-        let mut body = Vec::with_capacity(head.len() + content.len());
-        body.extend_from_slice(head.as_bytes());
-        body.extend_from_slice(content.get(1..).unwrap_or_default());
-        Ok((version, body))
+        Ok(body)
     }
 }
 
@@ -349,50 +360,136 @@ impl Change {
     }
 }
 
-/// A digest of every token and user of a model (128 bits of SHA-256 of each
-/// one's wire form): what a full build compares to know what it changed,
-/// without keeping the previous model.
+/// A digest of every token and user of a model (SHA-256 of each one's wire
+/// form, the user's with its id): what a full build compares to know what
+/// it changed, without keeping the previous model, and — through the sums
+/// of those digests, kept as entries come and go — the content version,
+/// so a patch among a million tokens does not hash them all again.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Fingerprint {
-    tokens: HashMap<String, [u8; 16]>,
-    users: HashMap<String, [u8; 16]>,
+    tokens: HashMap<String, Digest256>,
+    users: HashMap<String, Digest256>,
+    token_sum: Sum256,
+    user_sum: Sum256,
 }
 
-fn digest<T: serde::Serialize>(value: &T) -> [u8; 16] {
-    let mut out = [0u8; 16];
-    if let Ok(bytes) = serde_json::to_vec(value) {
-        out.copy_from_slice(&Sha256::digest(&bytes)[..16]);
+type Digest256 = [u8; 32];
+
+/// A sum of digests modulo 2^256 (four little-endian 64-bit limbs): the
+/// same whatever the order entries were added in.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+struct Sum256([u64; 4]);
+
+impl Sum256 {
+    fn limbs(d: &Digest256) -> [u64; 4] {
+        let mut l = [0u64; 4];
+        for (limb, chunk) in l.iter_mut().zip(d.chunks_exact(8)) {
+            let mut b = [0u8; 8];
+            b.copy_from_slice(chunk);
+            *limb = u64::from_le_bytes(b);
+        }
+        l
     }
-    out
+
+    fn add(&mut self, d: &Digest256) {
+        let mut carry = false;
+        for (a, b) in self.0.iter_mut().zip(Self::limbs(d)) {
+            let (x, c1) = a.overflowing_add(b);
+            let (y, c2) = x.overflowing_add(u64::from(carry));
+            *a = y;
+            carry = c1 || c2;
+        }
+    }
+
+    fn sub(&mut self, d: &Digest256) {
+        let mut borrow = false;
+        for (a, b) in self.0.iter_mut().zip(Self::limbs(d)) {
+            let (x, b1) = a.overflowing_sub(b);
+            let (y, b2) = x.overflowing_sub(u64::from(borrow));
+            *a = y;
+            borrow = b1 || b2;
+        }
+    }
+
+    fn bytes(&self) -> [u8; 32] {
+        let mut out = [0u8; 32];
+        for (chunk, limb) in out.chunks_exact_mut(8).zip(self.0) {
+            chunk.copy_from_slice(&limb.to_le_bytes());
+        }
+        out
+    }
+}
+
+fn digest<T: serde::Serialize>(value: &T) -> Digest256 {
+    serde_json::to_vec(value).map(|bytes| Sha256::digest(&bytes).into()).unwrap_or_default()
+}
+
+fn user_digest(id: &str, user: &SnapshotUser) -> Digest256 {
+    digest(&(id, user))
 }
 
 impl Fingerprint {
     pub fn of(model: &Model) -> Self {
-        Self {
+        let mut f = Self {
             tokens: model.tokens.iter().map(|(id, t)| (id.clone(), digest(t))).collect(),
-            users: model.users.iter().map(|(id, u)| (id.clone(), digest(u))).collect(),
+            users: model.users.iter().map(|(id, u)| (id.clone(), user_digest(id, u))).collect(),
+            ..Self::default()
+        };
+        for d in f.tokens.values() {
+            f.token_sum.add(d);
         }
+        for d in f.users.values() {
+            f.user_sum.add(d);
+        }
+        f
     }
 
     /// Takes the entries `change` names from `model` again (after a patch).
     pub fn refresh(&mut self, model: &Model, change: &Change) {
         for id in &change.tokens {
-            match model.tokens.get(id) {
-                Some(t) => self.tokens.insert(id.clone(), digest(t)),
-                None => self.tokens.remove(id),
-            };
+            if let Some(old) = self.tokens.remove(id) {
+                self.token_sum.sub(&old);
+            }
+            if let Some(t) = model.tokens.get(id) {
+                let d = digest(t);
+                self.token_sum.add(&d);
+                self.tokens.insert(id.clone(), d);
+            }
         }
         for id in &change.users {
-            match model.users.get(id) {
-                Some(u) => self.users.insert(id.clone(), digest(u)),
-                None => self.users.remove(id),
-            };
+            if let Some(old) = self.users.remove(id) {
+                self.user_sum.sub(&old);
+            }
+            if let Some(u) = model.users.get(id) {
+                let d = user_digest(id, u);
+                self.user_sum.add(&d);
+                self.users.insert(id.clone(), d);
+            }
         }
+    }
+
+    /// The content version: the first 32 hex of SHA-256 over the schema,
+    /// the limits, the number of tokens and the sums of the token and user
+    /// digests. The same on every replica for the same rows, whether the
+    /// model was patched or built whole; anything in a token or a user
+    /// (a credential rotating included) changes it.
+    pub fn version(&self, limits: &Limits) -> String {
+        let mut h = Sha256::new();
+        h.update(b"infrabox-mcp snapshot content v2\0");
+        h.update(SCHEMA.to_le_bytes());
+        h.update(serde_json::to_vec(limits).unwrap_or_default());
+        h.update((self.tokens.len() as u64).to_le_bytes());
+        h.update((self.users.len() as u64).to_le_bytes());
+        h.update(self.token_sum.bytes());
+        h.update(self.user_sum.bytes());
+        let mut version = hex::encode(h.finalize());
+        version.truncate(32);
+        version
     }
 
     /// What differs between this content and `new`.
     pub fn diff(&self, new: &Fingerprint) -> Change {
-        fn keys(old: &HashMap<String, [u8; 16]>, new: &HashMap<String, [u8; 16]>) -> BTreeSet<String> {
+        fn keys(old: &HashMap<String, Digest256>, new: &HashMap<String, Digest256>) -> BTreeSet<String> {
             let changed = new.iter().filter(|(k, d)| old.get(*k) != Some(*d)).map(|(k, _)| k.clone());
             let gone = old.keys().filter(|k| !new.contains_key(*k)).cloned();
             changed.chain(gone).collect()
@@ -506,25 +603,97 @@ mod tests {
         let creds = HashMap::from([(Uuid::parse_str(P1).unwrap(), SnapshotUser { read_credential: Some("r1".into()), write_credential: None })]);
         let full = |tokens: Vec<LiveToken>| Model::assemble(loaded(tokens, &c), &creds);
         let mut model = full(vec![token_of("00000000000000aa", P3), token_of("00000000000000bb", P3), token_of("00000000000000cc", P1)]);
+        let limits = Limits::default();
+        // The fingerprint (and so the version) is kept up to date the way
+        // the publisher does it, and must equal a full build's every time.
+        let mut fp = Fingerprint::of(&model);
+        let mut patch = |model: &mut Model, ids: &[&str], rows: Vec<LiveToken>| {
+            let ids: Vec<String> = ids.iter().map(|s| s.to_string()).collect();
+            let mut users = model.users_of(&ids);
+            model.patch(&ids, loaded(rows, &c), &creds);
+            users.extend(model.users_of(&ids));
+            fp.refresh(model, &Change { tokens: ids.iter().cloned().collect(), users });
+            assert_eq!(fp, Fingerprint::of(model));
+            fp.version(&limits)
+        };
         // Revoke bb: no live row comes back for it.
-        model.patch(&["00000000000000bb".into()], loaded(vec![], &c), &creds);
+        let v1 = patch(&mut model, &["00000000000000bb"], vec![]);
         assert_eq!(model, full(vec![token_of("00000000000000aa", P3), token_of("00000000000000cc", P1)]));
+        assert_eq!(v1, model.render(&limits, 1).unwrap().0);
         // Revoke P1's only token: its user (and credential) leave the snapshot.
-        model.patch(&["00000000000000cc".into()], loaded(vec![], &c), &creds);
+        let v2 = patch(&mut model, &["00000000000000cc"], vec![]);
+        assert_ne!(v1, v2);
         assert_eq!(model, full(vec![token_of("00000000000000aa", P3)]));
         assert_eq!(model.user_count(), 1);
         // A new token and a changed one in one patch.
         let mut changed = token_of("00000000000000aa", P3);
         changed.allow_trigger = true;
         let new = token_of("00000000000000dd", P1);
-        model.patch(&["00000000000000aa".into(), "00000000000000dd".into()], loaded(vec![changed.clone(), new.clone()], &c), &creds);
+        let v3 = patch(&mut model, &["00000000000000aa", "00000000000000dd"], vec![changed.clone(), new.clone()]);
         let want = full(vec![changed, new]);
         assert_eq!(model, want);
-        let limits = Limits::default();
+        assert_eq!(v3, Fingerprint::of(&want).version(&limits));
         assert_eq!(model.render(&limits, 1).unwrap(), want.render(&limits, 1).unwrap());
         assert_eq!(model.snapshot(&limits, "v", 1).users[P1].read_credential.as_deref(), Some("r1"));
         // A patch naming an unknown token that is not live changes nothing.
-        model.patch(&["00000000000000ee".into()], loaded(vec![], &c), &creds);
+        assert_eq!(patch(&mut model, &["00000000000000ee"], vec![]), v3);
         assert_eq!(model, want);
+    }
+
+    #[test]
+    fn tokens_without_credential_count_per_token_need() {
+        let c = HashMap::new();
+        let user = |p: &str| Uuid::parse_str(p).unwrap();
+        let creds = HashMap::from([
+            (user(P1), SnapshotUser { read_credential: Some("r".into()), write_credential: None }),
+            (user(P2), SnapshotUser { read_credential: Some("r".into()), write_credential: Some("w".into()) }),
+        ]);
+        let trig = |id: &str, u: &str| LiveToken { allow_trigger: true, ..token_of(id, u) };
+        // P1: a reader (fine) and a trigger token (lacks write); P2: both
+        // fine; P3: no credential at all, two tokens.
+        let mut model = Model::assemble(
+            loaded(vec![token_of("00000000000000a1", P1), trig("00000000000000a2", P1), trig("00000000000000b1", P2), token_of("00000000000000c1", P3), trig("00000000000000c2", P3)], &c),
+            &creds,
+        );
+        assert_eq!(model.tokens_without_credential(), 3);
+        model.patch(&["00000000000000a2".into(), "00000000000000c1".into()], loaded(vec![], &c), &creds);
+        assert_eq!(model.tokens_without_credential(), 1);
+    }
+
+    #[test]
+    fn digest_sums_are_order_free_and_undo_exactly() {
+        let ds: Vec<Digest256> = (0..50u32).map(|i| Sha256::digest(i.to_le_bytes()).into()).collect();
+        let (mut a, mut b) = (Sum256::default(), Sum256::default());
+        ds.iter().for_each(|d| a.add(d));
+        ds.iter().rev().for_each(|d| b.add(d));
+        assert_eq!(a, b);
+        // Carries across limbs: all-ones plus one wraps to zero.
+        let mut c = Sum256::default();
+        c.add(&[0xff; 32]);
+        c.add(&{
+            let mut one = [0u8; 32];
+            one[0] = 1;
+            one
+        });
+        assert_eq!(c, Sum256::default());
+        for d in &ds[..25] {
+            a.sub(d);
+        }
+        let mut half = Sum256::default();
+        ds[25..].iter().for_each(|d| half.add(d));
+        assert_eq!(a, half);
+    }
+
+    #[test]
+    fn a_credential_change_alone_changes_the_version() {
+        let c = HashMap::from([(Uuid::parse_str(P3).unwrap(), collab())]);
+        let creds = |r: &str| HashMap::from([(Uuid::parse_str(P3).unwrap(), SnapshotUser { read_credential: Some(r.into()), write_credential: None })]);
+        let limits = Limits::default();
+        let a = Model::assemble(loaded(vec![token("00000000000000aa")], &c), &creds("one"));
+        let b = Model::assemble(loaded(vec![token("00000000000000aa")], &c), &creds("two"));
+        assert_ne!(Fingerprint::of(&a).version(&limits), Fingerprint::of(&b).version(&limits));
+        let mut stricter = limits.clone();
+        stricter.window_seconds += 1;
+        assert_ne!(Fingerprint::of(&a).version(&limits), Fingerprint::of(&a).version(&stricter));
     }
 }

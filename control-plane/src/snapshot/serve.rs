@@ -107,19 +107,31 @@ fn signed(version: &str, body: axum::body::Bytes, signature: &str) -> Response {
 }
 
 /// The new version for a client that holds one of `known`: the delta from
-/// it when asked for and logged, else the whole snapshot.
-fn answer(p: &Published, known: &[String], delta: bool) -> Response {
+/// it when asked for and logged, else the whole snapshot (rendered on the
+/// first request for this version, off the async workers; if the content
+/// moved on meanwhile, the newer version's).
+async fn answer(p: Arc<Published>, known: &[String], delta: bool, current: &Current) -> Response {
     let logged = known.iter().find_map(|k| p.deltas.get(k).map(|d| (k, d))).filter(|_| delta);
-    match logged {
-        Some((base, d)) => {
-            let mut response = signed(&p.version, d.body.clone(), &d.signature);
-            if let Ok(v) = HeaderValue::from_str(base) {
-                response.headers_mut().insert(header::HeaderName::from_static(mcp_filter_core::snapshot::DELTA_BASE_HEADER), v);
-            }
-            response
+    if let Some((base, d)) = logged {
+        let mut response = signed(&p.version, d.body.clone(), &d.signature);
+        if let Ok(v) = HeaderValue::from_str(base) {
+            response.headers_mut().insert(header::HeaderName::from_static(mcp_filter_core::snapshot::DELTA_BASE_HEADER), v);
         }
-        None => signed(&p.version, p.body.clone(), &p.signature),
+        return response;
     }
+    let mut p = p;
+    for _ in 0..8 {
+        let rendering = Arc::clone(&p);
+        if let Ok(Some(full)) = tokio::task::spawn_blocking(move || rendering.full_body()).await {
+            return signed(&p.version, full.body, &full.signature);
+        }
+        let newer = current.borrow().clone();
+        match newer {
+            Some(newer) if newer.version != p.version => p = newer,
+            _ => break,
+        }
+    }
+    ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "snapshot_unavailable", "the snapshot changed while it was rendered; retry").into_response()
 }
 
 fn not_modified(version: &str) -> Response {
@@ -143,10 +155,12 @@ async fn snapshot(State(svc): State<SnapshotService>, headers: HeaderMap, RawQue
     let now = current.borrow_and_update().clone().ok_or_else(unavailable)?;
     let matches = |p: &Published| known.iter().any(|k| k == "*" || *k == p.version);
     if !matches(&now) {
-        return Ok(answer(&now, &known, delta));
+        return Ok(answer(now, &known, delta, &svc.current).await);
     }
     let deadline = tokio::time::Instant::now() + Duration::from_secs(wait);
     let mut latest: Arc<Published> = now;
+    // Answered after the `select!`, whose output holds a lock guard.
+    let mut changed_to = false;
     loop {
         tokio::select! {
             changed = current.changed() => {
@@ -157,12 +171,16 @@ async fn snapshot(State(svc): State<SnapshotService>, headers: HeaderMap, RawQue
                     latest = p;
                 }
                 if !matches(&latest) {
-                    return Ok(answer(&latest, &known, delta));
+                    changed_to = true;
+                    break;
                 }
             }
             _ = tokio::time::sleep_until(deadline) => break,
             _ = shutdown.wait_for(|stop| *stop) => break,
         }
+    }
+    if changed_to {
+        return Ok(answer(latest, &known, delta, &svc.current).await);
     }
     Ok(not_modified(&latest.version))
 }

@@ -25,6 +25,10 @@ impl BenchEnvoy {
     pub fn pid(&self) -> u32 {
         self.process.pid()
     }
+
+    pub fn log_contents(&self) -> String {
+        self.process.log_contents()
+    }
 }
 
 /// Ports of the configuration the harness rendered.

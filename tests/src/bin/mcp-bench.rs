@@ -5,7 +5,7 @@
 //!    the filter (alternating runs, one worker, same fast upstream) for
 //!    non-MCP passthrough, locally denied MCP requests and allowed MCP
 //!    requests (rate limit and audit on).
-//! 2. Token-set scale: 100, 10 000 and 100 000 tokens in the snapshot.
+//! 2. Token-set scale: 100, 10 000, 100 000 and 1 000 000 tokens in the snapshot.
 //! 3. Revocation latency while traffic flows.
 //! 4. Services: rate-limit decisions/s and audit rows/s (their own bench
 //!    binaries, when built).
@@ -47,7 +47,7 @@ async fn main() -> Result<()> {
     let s = if smoke {
         Settings { smoke, duration: Duration::from_secs(1), rounds: 1, connections: 8, scales: vec![100, 1_000], revocations: 10 }
     } else {
-        Settings { smoke, duration: Duration::from_secs(5), rounds: 3, connections: 8, scales: vec![100, 10_000, 100_000], revocations: 200 }
+        Settings { smoke, duration: Duration::from_secs(5), rounds: 3, connections: 8, scales: vec![100, 10_000, 100_000, 1_000_000], revocations: 200 }
     };
     let out_dir = repo_root().join("bench");
     std::fs::create_dir_all(&out_dir)?;
@@ -355,7 +355,12 @@ async fn token_scale(stack: &Stack, filter: &BenchEnvoy, load: &Load, bearer: &s
         }
         let want = inserted + 1;
         let t0 = Instant::now();
-        filter.wait_stat("wasmcustom.mcp_snapshot_tokens", Duration::from_secs(120), |v| v == want)?;
+        if let Err(e) = filter.wait_stat("wasmcustom.mcp_snapshot_tokens", Duration::from_secs(180), |v| v == want) {
+            // What the two sides said about snapshots (never a body).
+            let said = |log: String| log.lines().filter(|l| l.contains("snapshot") || l.contains("applied")).rev().take(8).map(str::to_owned).collect::<Vec<_>>();
+            eprintln!("[bench]   Envoy: {:#?}\n[bench]   control plane: {:#?}", said(filter.log_contents()), said(stack.control_plane.log_contents()));
+            return Err(e);
+        }
         let visible_after = t0.elapsed();
         let apply_ms = filter.stat("wasmcustom.mcp_snapshot_apply_ms").unwrap_or(0);
         let memory = filter.stat("wasmcustom.mcp_vm_memory_bytes").unwrap_or(0);
@@ -812,17 +817,20 @@ fn table(r: &Value) -> Vec<Row> {
         for s in scale {
             let n = s["tokens"].as_u64().unwrap_or(0);
             let mem = f(&s["vm_memory_bytes"]) / (1 << 20) as f64;
+            // DESIGN §14 for 100 000 tokens; issue "Scale out", item 4 for a million.
+            let (apply_goal, apply_text, mem_goal, mem_text) =
+                if n >= 1_000_000 { (1000.0, "≤ 1 s (1 000 000)", 64.0, "≤ 64 MiB (1 000 000)") } else { (200.0, "≤ 200 ms (100 000)", 32.0, "≤ 32 MiB (100 000)") };
             rows.push(Row::new(
                 &format!("{n} tokens: snapshot apply"),
                 format!("{:.0} ms", f(&s["apply_ms"])),
-                "≤ 200 ms (100 000)",
-                (n >= 100_000).then(|| f(&s["apply_ms"]) <= 200.0),
+                apply_text,
+                (n >= 100_000).then(|| f(&s["apply_ms"]) <= apply_goal),
             ));
             rows.push(Row::new(
                 &format!("{n} tokens: VM linear memory"),
                 format!("{mem:.1} MiB"),
-                "≤ 32 MiB (100 000)",
-                (n >= 100_000).then_some(mem <= 32.0),
+                mem_text,
+                (n >= 100_000).then_some(mem <= mem_goal),
             ));
             let rel = f(&s["requests_per_second"]) / first;
             rows.push(Row::new(
@@ -841,11 +849,13 @@ fn table(r: &Value) -> Vec<Row> {
         Some(f(&rv["p99_ms"]) <= 1000.0),
     ));
     let rs = &r["revocation_at_scale"];
+    let million = rs["snapshot_tokens"].as_u64().unwrap_or(0) >= 1_000_000;
+    let (rv_goal, rv_text) = if million { (500.0, "p99 ≤ 500 ms (1 000 000)") } else { (1000.0, "p99 ≤ 1 s") };
     rows.push(Row::new(
         &format!("revocation visible at the edge ({} tokens)", rs["snapshot_tokens"]),
         format!("p50 {:.0} ms, p99 {:.0} ms ({} revocations)", f(&rs["p50_ms"]), f(&rs["p99_ms"]), rs["revocations"]),
-        "p99 ≤ 1 s",
-        Some(f(&rs["p99_ms"]) <= 1000.0),
+        rv_text,
+        Some(f(&rs["p99_ms"]) <= rv_goal),
     ));
     let at_scale = rs["snapshot_tokens"].to_string();
     for (what, rv) in [("few hundred", rv), (at_scale.as_str(), rs)] {
@@ -865,8 +875,8 @@ fn table(r: &Value) -> Vec<Row> {
             rs["apply_ms_last"],
             if rs["deltas"].as_u64().unwrap_or(0) > 0 { "a delta" } else { "a whole snapshot" }
         ),
-        "≤ 32 MiB",
-        Some(after <= 32.0),
+        if million { "≤ 64 MiB" } else { "≤ 32 MiB" },
+        Some(after <= if million { 64.0 } else { 32.0 }),
     ));
     let sv = &r["services"];
     let rls = f(&sv["ratelimit"]["decisions_per_second"]);
