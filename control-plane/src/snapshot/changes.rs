@@ -76,6 +76,11 @@ impl ChangeLog {
         let mut bytes = 0usize;
         let most = (model.token_count() / 2).max(64);
         for (from, change) in self.steps.iter().rev() {
+            // A step that alone names too many tokens ends the walk before
+            // its ids are copied (a bulk load's step names nearly all).
+            if change.tokens.len() > most {
+                break;
+            }
             since.extend(change);
             if from == version || out.contains_key(from) {
                 continue;
